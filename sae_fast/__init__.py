@@ -1,0 +1,33 @@
+"""sae_fast: fast sparse autoencoders (JumpReLU) for PyTorch.
+
+    import sae_fast
+    sae = sae_fast.JumpReLUSAE.from_pretrained("path/to/params.npz")
+    acts = sae.encode_sparse(x)          # SparseActs, never the dense [tokens, d_sae]
+    x_hat = sae.decode(acts)
+    sae_fast.info()                      # versions, devices, backends
+"""
+
+__version__ = "0.1.0"
+
+from . import backends, reference  # noqa: E402
+from ._ext import load_extension as _load_extension  # noqa: E402
+from ._info import info  # noqa: E402
+from .modules import JumpReLUSAE  # noqa: E402
+from .ops import jumprelu_encode, jumprelu_encode_sparse, jumprelu_sae_loss, sparse_decode  # noqa: E402
+from .outputs import TrainingOutput  # noqa: E402
+from .sparse import SparseActs  # noqa: E402
+
+_load_extension()
+
+__all__ = [
+    "JumpReLUSAE",
+    "SparseActs",
+    "TrainingOutput",
+    "backends",
+    "info",
+    "jumprelu_encode",
+    "jumprelu_encode_sparse",
+    "jumprelu_sae_loss",
+    "reference",
+    "sparse_decode",
+]

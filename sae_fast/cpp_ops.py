@@ -1,0 +1,131 @@
+"""Python side of the compiled ops in sae_fast._C: fake impls, autograd, backends.
+
+The C++ library (csrc/sparse_ops.cpp) defines the schemas and the CPU/CUDA
+kernels of sae_fast::sparse_decode, ::sparse_gather_dot and
+::sparse_scatter_rows. Here each op gets a fake (meta) implementation for
+torch.compile and an autograd formula. The three are bilinear and their
+gradients close over each other:
+
+    decode(v, W):        dv = gather_dot(g, W)      dW = scatter_rows(v, g)     dbias = sum g
+    gather_dot(g, W):    dg = decode(dr, W)         dW = scatter_rows(dr, g)
+    scatter_rows(c, g):  dc = gather_dot(g, dG)     dg = decode(c, dG)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import backends, reference
+from .sparse import SparseActs
+from .sparse_train import Prims, dense_pre_encoder, sparse_jumprelu_sae_loss
+
+_OPS_READY = False
+
+
+def _register_ops() -> None:
+    global _OPS_READY
+    if _OPS_READY:
+        return
+    ops = torch.ops.sae_fast
+
+    @torch.library.register_fake("sae_fast::sparse_decode")
+    def _(indices, values, counts, W, bias):
+        return W.new_empty(indices.shape[0], W.shape[1])
+
+    @torch.library.register_fake("sae_fast::sparse_gather_dot")
+    def _(grad, indices, counts, W):
+        return W.new_empty(indices.shape)
+
+    @torch.library.register_fake("sae_fast::sparse_scatter_rows")
+    def _(coef, indices, counts, grad, d_sae, deterministic=True):
+        return grad.new_empty(d_sae, grad.shape[1])
+
+    def _setup_decode(ctx, inputs, output):
+        indices, values, counts, W, bias = inputs
+        ctx.save_for_backward(indices, values, counts, W)
+        ctx.has_bias = bias is not None
+
+    def _backward_decode(ctx, g):
+        indices, values, counts, W = ctx.saved_tensors
+        g = g.contiguous()
+        dv = ops.sparse_gather_dot(g, indices, counts, W) if ctx.needs_input_grad[1] else None
+        dW = ops.sparse_scatter_rows(values, indices, counts, g, W.shape[0], True) if ctx.needs_input_grad[3] else None
+        db = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[4] else None
+        return None, dv, None, dW, db
+
+    torch.library.register_autograd("sae_fast::sparse_decode", _backward_decode, setup_context=_setup_decode)
+
+    def _setup_gd(ctx, inputs, output):
+        grad, indices, counts, W = inputs
+        ctx.save_for_backward(grad, indices, counts, W)
+
+    def _backward_gd(ctx, dr):
+        grad, indices, counts, W = ctx.saved_tensors
+        dr = dr.contiguous()
+        dg = ops.sparse_decode(indices, dr, counts, W, None) if ctx.needs_input_grad[0] else None
+        dW = ops.sparse_scatter_rows(dr, indices, counts, grad, W.shape[0], True) if ctx.needs_input_grad[3] else None
+        return dg, None, None, dW
+
+    torch.library.register_autograd("sae_fast::sparse_gather_dot", _backward_gd, setup_context=_setup_gd)
+
+    def _setup_sr(ctx, inputs, output):
+        coef, indices, counts, grad, d_sae, deterministic = inputs
+        ctx.save_for_backward(coef, indices, counts, grad)
+
+    def _backward_sr(ctx, dG):
+        coef, indices, counts, grad = ctx.saved_tensors
+        dG = dG.contiguous()
+        dc = ops.sparse_gather_dot(grad, indices, counts, dG) if ctx.needs_input_grad[0] else None
+        dg = ops.sparse_decode(indices, coef, counts, dG, None) if ctx.needs_input_grad[3] else None
+        return dc, None, None, dg, None, None
+
+    torch.library.register_autograd("sae_fast::sparse_scatter_rows", _backward_sr, setup_context=_setup_sr)
+    _OPS_READY = True
+
+
+def _prims(deterministic: bool = True) -> Prims:
+    ops = torch.ops.sae_fast
+    return Prims(
+        decode=lambda i, v, c, W, b: ops.sparse_decode(i, v.contiguous(), c, W.contiguous(), b),
+        gather_dot=lambda g, i, c, W: ops.sparse_gather_dot(g.contiguous(), i, c, W.contiguous()),
+        scatter_rows=lambda co, i, c, g, s: ops.sparse_scatter_rows(co.contiguous(), i, c, g.contiguous(), s, deterministic),
+    )
+
+
+class CppBackend:
+    """`cpu` / `cuda`: dense encoder GEMM, compiled sparse decode and sparse backward."""
+
+    def __init__(self, name: str):
+        self.name = name
+        _register_ops()
+        self.prims = _prims(True)
+
+    def encode(self, x, W_enc, b_enc, threshold, b_dec, apply_b_dec_to_input):
+        return reference.jumprelu_encode(x, W_enc, b_enc, threshold, b_dec, apply_b_dec_to_input)
+
+    def encode_sparse(self, x, W_enc, b_enc, threshold, b_dec, apply_b_dec_to_input, capacity):
+        return reference.jumprelu_encode_sparse(x, W_enc, b_enc, threshold, b_dec, apply_b_dec_to_input, capacity)
+
+    def decode(self, acts: SparseActs, W_dec, b_dec):
+        return self.prims.decode(acts.indices, acts.values, acts.counts, W_dec, b_dec)
+
+    def loss(self, x, W_enc, b_enc, threshold, W_dec, b_dec, l0_coefficient, bandwidth, apply_b_dec_to_input):
+        return sparse_jumprelu_sae_loss(
+            x, W_enc, b_enc, threshold, W_dec, b_dec, l0_coefficient=l0_coefficient, bandwidth=bandwidth,
+            apply_b_dec_to_input=apply_b_dec_to_input, encoder=dense_pre_encoder, prims=self.prims,
+        )
+
+
+def register_backends(ext) -> None:
+    def cpu_unavailable(device: torch.device):
+        return None if device.type == "cpu" else f"the cpu backend runs on CPU tensors, not {device.type}"
+
+    def cuda_unavailable(device: torch.device):
+        if not ext.has_cuda():
+            return "sae_fast._C was built without CUDA kernels (CPU torch or no nvcc at build time)"
+        if device.type != "cuda":
+            return f"the cuda backend runs on CUDA tensors, not {device.type}"
+        return None
+
+    backends.register("cpu", lambda: CppBackend("cpu"), cpu_unavailable)
+    backends.register("cuda", lambda: CppBackend("cuda"), cuda_unavailable)

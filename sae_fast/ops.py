@@ -1,0 +1,128 @@
+"""Public functional ops: validate once, flatten tokens, dispatch to a backend.
+
+Same names as DESIGN.md's naming ladder: jumprelu_encode, jumprelu_encode_sparse,
+sparse_decode, jumprelu_sae_loss. Each takes backend="auto" (see backends.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import backends
+from ._checks import (
+    check_bandwidth,
+    check_decoder_params,
+    check_encoder_params,
+    check_input,
+    check_same_device,
+)
+from .outputs import TrainingOutput
+from .sparse import SparseActs
+
+
+def _check_encode_args(x, W_enc, b_enc, threshold, b_dec, apply_b_dec_to_input):
+    d_in, d_sae = check_encoder_params(W_enc, b_enc, threshold, b_dec if apply_b_dec_to_input else None)
+    check_input(x, d_in, W_enc.dtype)
+    check_same_device(x=x, W_enc=W_enc)
+    if apply_b_dec_to_input and b_dec is None:
+        raise ValueError("b_dec is required when apply_b_dec_to_input=True")
+    return d_in, d_sae
+
+
+def jumprelu_encode(
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    threshold: torch.Tensor,
+    b_dec: torch.Tensor | None = None,
+    apply_b_dec_to_input: bool = False,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Dense JumpReLU activations relu(pre) * (pre > threshold), shape [..., d_sae]."""
+    d_in, d_sae = _check_encode_args(x, W_enc, b_enc, threshold, b_dec, apply_b_dec_to_input)
+    impl = backends.get(backends.resolve(backend, x.device))
+    out = impl.encode(x.reshape(-1, d_in), W_enc, b_enc, threshold, b_dec, apply_b_dec_to_input)
+    return out.reshape(*x.shape[:-1], d_sae)
+
+
+def jumprelu_encode_sparse(
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    threshold: torch.Tensor,
+    b_dec: torch.Tensor | None = None,
+    apply_b_dec_to_input: bool = False,
+    *,
+    capacity: int | None = None,
+    backend: str = "auto",
+) -> SparseActs:
+    """Sparse JumpReLU activations (SparseActs); never truncates.
+
+    capacity: pad each row to at least this many slots (it grows if a row has more).
+    """
+    d_in, _ = _check_encode_args(x, W_enc, b_enc, threshold, b_dec, apply_b_dec_to_input)
+    if capacity is not None and (not isinstance(capacity, int) or capacity < 0):
+        raise ValueError(f"capacity must be a non-negative int or None, got {capacity!r}")
+    impl = backends.get(backends.resolve(backend, x.device))
+    sp = impl.encode_sparse(x.reshape(-1, d_in), W_enc, b_enc, threshold, b_dec, apply_b_dec_to_input, None)
+    if capacity is not None and capacity > sp.capacity:
+        pad = capacity - sp.capacity
+        sp = SparseActs(
+            torch.nn.functional.pad(sp.indices, (0, pad)),
+            torch.nn.functional.pad(sp.values, (0, pad)),
+            sp.counts,
+            sp.d_sae,
+        )
+    return SparseActs(sp.indices, sp.values, sp.counts, sp.d_sae, x.shape[:-1])
+
+
+def sparse_decode(
+    acts: SparseActs,
+    W_dec: torch.Tensor,
+    b_dec: torch.Tensor,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """x_hat = sum of values * W_dec[indices] + b_dec, float32 accumulation, [*batch_shape, d_in]."""
+    if not isinstance(acts, SparseActs):
+        raise TypeError(f"acts must be a SparseActs, got {type(acts).__name__}")
+    d_sae, d_in = check_decoder_params(W_dec, b_dec)
+    if acts.d_sae != d_sae:
+        raise ValueError(f"acts.d_sae={acts.d_sae} does not match W_dec's d_sae={d_sae}")
+    if acts.dtype != W_dec.dtype:
+        raise TypeError(
+            f"acts.values has dtype {acts.dtype} but W_dec is {W_dec.dtype}; cast with acts.to(dtype=...)"
+        )
+    check_same_device(acts=acts.values, W_dec=W_dec)
+    impl = backends.get(backends.resolve(backend, W_dec.device))
+    return impl.decode(acts, W_dec, b_dec).reshape(*acts.batch_shape, d_in)
+
+
+def jumprelu_sae_loss(
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    threshold: torch.Tensor,
+    W_dec: torch.Tensor,
+    b_dec: torch.Tensor,
+    *,
+    l0_coefficient: float,
+    bandwidth: float,
+    apply_b_dec_to_input: bool = False,
+    backend: str = "auto",
+) -> TrainingOutput:
+    """JumpReLU training loss with straight-through gradients (see reference.jumprelu_sae_loss)."""
+    d_in, d_sae = _check_encode_args(x, W_enc, b_enc, threshold, b_dec, apply_b_dec_to_input)
+    d_sae2, d_in2 = check_decoder_params(W_dec, b_dec)
+    if (d_sae2, d_in2) != (d_sae, d_in):
+        raise ValueError(f"W_dec must have shape [d_sae, d_in]=[{d_sae}, {d_in}], got {list(W_dec.shape)}")
+    check_same_device(x=x, W_dec=W_dec)
+    bw = check_bandwidth(bandwidth)
+    l0c = float(l0_coefficient)
+    if not l0c >= 0:
+        raise ValueError(f"l0_coefficient must be a non-negative number, got {l0_coefficient!r}")
+    impl = backends.get(backends.resolve(backend, x.device))
+    out = impl.loss(x.reshape(-1, d_in), W_enc, b_enc, threshold, W_dec, b_dec, l0c, bw, apply_b_dec_to_input)
+    out.reconstruction = out.reconstruction.reshape(x.shape)
+    return out

@@ -1,0 +1,241 @@
+"""The pure-PyTorch definition of every sae_fast op (DESIGN.md, "The math").
+
+This module is the semantics: every kernel is tested against it, and it is the
+dense baseline the benchmarks beat. It runs anywhere PyTorch runs.
+
+Conventions shared by every backend:
+- x is [..., d_in]; ops flatten the leading dims to tokens and restore them.
+- `threshold` may be float32 while the weights are bf16/fp16 (DESIGN.md keeps
+  it fp32); comparisons against it happen in float32, which is exact because
+  bf16/fp16 -> fp32 is exact.
+- The band of the straight-through estimator is
+  |float32(pre) - threshold| < float32(bandwidth / 2), the rectangle kernel
+  K(u) = 1 on -1/2 < u < 1/2 with u = (pre - threshold) / bandwidth.
+- Losses and L0 are computed and returned in float32.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ._checks import check_bandwidth
+from .outputs import TrainingOutput
+from .sparse import SparseActs
+
+
+# ---------------------------------------------------------------- forward ops
+def jumprelu_pre(
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    b_dec: torch.Tensor | None = None,
+    apply_b_dec_to_input: bool = False,
+) -> torch.Tensor:
+    """pre = (x - b_dec * apply_b_dec_to_input) @ W_enc + b_enc."""
+    if apply_b_dec_to_input:
+        if b_dec is None:
+            raise ValueError("b_dec is required when apply_b_dec_to_input=True")
+        x = x - b_dec
+    return x @ W_enc + b_enc
+
+
+def jumprelu(pre: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """relu(pre) * (pre > threshold), exactly as the Gemma Scope reference."""
+    return torch.relu(pre) * (pre > threshold).to(pre.dtype)
+
+
+def active_mask(pre: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """The active set A: pre > threshold and pre > 0 (NaN excluded)."""
+    return (pre > threshold) & (pre > 0)
+
+
+def band_mask(pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
+    """The band N: |pre - threshold| < bandwidth/2, measured in float32 on pre itself."""
+    half = torch.tensor(check_bandwidth(bandwidth) / 2, dtype=torch.float32)
+    return (pre.float() - threshold.float()).abs() < half.to(pre.device)
+
+
+def jumprelu_encode(
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    threshold: torch.Tensor,
+    b_dec: torch.Tensor | None = None,
+    apply_b_dec_to_input: bool = False,
+) -> torch.Tensor:
+    """Dense JumpReLU activations [..., d_sae]."""
+    return jumprelu(jumprelu_pre(x, W_enc, b_enc, b_dec, apply_b_dec_to_input), threshold)
+
+
+def jumprelu_encode_sparse(
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    threshold: torch.Tensor,
+    b_dec: torch.Tensor | None = None,
+    apply_b_dec_to_input: bool = False,
+    capacity: int | None = None,
+) -> SparseActs:
+    """Sparse JumpReLU activations: the nonzeros (and NaNs) of jumprelu_encode."""
+    return SparseActs.from_dense(
+        jumprelu_encode(x, W_enc, b_enc, threshold, b_dec, apply_b_dec_to_input), capacity
+    )
+
+
+def dense_decode(acts: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor) -> torch.Tensor:
+    """x_hat = acts @ W_dec + b_dec."""
+    return acts @ W_dec + b_dec
+
+
+def sparse_decode(acts: SparseActs, W_dec: torch.Tensor, b_dec: torch.Tensor) -> torch.Tensor:
+    """x_hat_b = sum_k values[b,k] * W_dec[indices[b,k]] + b_dec, accumulated in float32.
+
+    Padding slots hold value 0 and add exact zeros. Returns [*batch_shape, d_in]
+    in W_dec's dtype.
+    """
+    d_in = W_dec.shape[1]
+    rows = W_dec.index_select(0, acts.indices.reshape(-1)).reshape(acts.n_tokens, acts.capacity, d_in)
+    acc = torch.promote_types(W_dec.dtype, torch.float32)
+    out = torch.einsum("nk,nkd->nd", acts.values.to(acc), rows.to(acc)) + b_dec.to(acc)
+    return out.to(W_dec.dtype).reshape(*acts.batch_shape, d_in)
+
+
+# ------------------------------------------------- straight-through estimators
+def rectangle(u: torch.Tensor) -> torch.Tensor:
+    """K(u) = 1 if -1/2 < u < 1/2 else 0."""
+    return ((u > -0.5) & (u < 0.5)).float()
+
+
+class JumpReLUFunction(torch.autograd.Function):
+    """acts = relu(pre) * (pre > threshold) with the JumpReLU paper's pseudo-derivatives:
+
+    d acts / d pre       = 1 on the active set A, else 0
+    d acts / d threshold = -(threshold / eps) * K((pre - threshold) / eps)
+    """
+
+    @staticmethod
+    def forward(pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
+        return jumprelu(pre, threshold)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+        pre, threshold, bandwidth = inputs
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+
+    @staticmethod
+    def backward(ctx: Any, grad_acts: torch.Tensor):
+        pre, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        d_pre = grad_acts * active_mask(pre, threshold).to(grad_acts.dtype)
+        band = band_mask(pre, threshold, eps).float()
+        g = (grad_acts.float() * band).reshape(-1, pre.shape[-1]).sum(0)
+        d_thr = -(threshold.float() / eps) * g
+        return d_pre, d_thr.to(threshold.dtype), None
+
+
+class StepFunction(torch.autograd.Function):
+    """H(pre - threshold) as float32, with d/d threshold = -(1/eps) K((pre - threshold)/eps), d/d pre = 0."""
+
+    @staticmethod
+    def forward(pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
+        return (pre > threshold).float()
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+        pre, threshold, bandwidth = inputs
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+
+    @staticmethod
+    def backward(ctx: Any, grad_step: torch.Tensor):
+        pre, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        band = band_mask(pre, threshold, eps).float()
+        g = (grad_step.float() * band).reshape(-1, pre.shape[-1]).sum(0)
+        return None, (-(1.0 / eps) * g).to(threshold.dtype), None
+
+
+def jumprelu_sae_loss(
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    threshold: torch.Tensor,
+    W_dec: torch.Tensor,
+    b_dec: torch.Tensor,
+    *,
+    l0_coefficient: float,
+    bandwidth: float,
+    apply_b_dec_to_input: bool = False,
+) -> TrainingOutput:
+    """The JumpReLU training loss, dense, with autograd through the STE functions.
+
+    loss     = mse_loss + l0_loss
+    mse_loss = mean_b ||x_b - x_hat_b||^2              (sum over d_in, mean over tokens)
+    l0_loss  = l0_coefficient * mean_b sum_j H(pre[b,j] - threshold[j])
+    l0       = mean_b |A_b| (detached; the number of nonzero activations)
+    """
+    bw = check_bandwidth(bandwidth)
+    d_in = x.shape[-1]
+    xf = x.reshape(-1, d_in)
+    pre = jumprelu_pre(xf, W_enc, b_enc, b_dec, apply_b_dec_to_input)
+    acts = JumpReLUFunction.apply(pre, threshold, bw)
+    recon = acts @ W_dec + b_dec
+    n = max(xf.shape[0], 1)
+    acc = torch.promote_types(x.dtype, torch.float32)  # float32, or float64 for float64 checks
+    mse_loss = (recon.to(acc) - xf.to(acc)).pow(2).sum() / n
+    step = StepFunction.apply(pre, threshold, bw)
+    l0_loss = float(l0_coefficient) * step.sum() / n
+    with torch.no_grad():
+        l0 = active_mask(pre, threshold).sum(dtype=torch.float32) / n
+    return TrainingOutput(
+        loss=mse_loss + l0_loss,
+        mse_loss=mse_loss,
+        l0_loss=l0_loss,
+        l0=l0,
+        reconstruction=recon.reshape(x.shape),
+    )
+
+
+# ---------------------------------------------------------- sparse primitives
+# The three primitives every compiled backend implements (csrc/, kernels/,
+# sae_fast/triton_kernels.py). Padding slots (k >= counts[b]) contribute nothing.
+def _valid(indices: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    return torch.arange(indices.shape[1], device=indices.device)[None, :] < counts.long()[:, None]
+
+
+def sparse_gather_dot(grad: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """r[b, k] = <grad[b], W[indices[b, k]]> on valid slots, 0 on padding; float32 accumulation."""
+    n, k = indices.shape
+    rows = W.index_select(0, indices.reshape(-1)).reshape(n, k, W.shape[1])
+    acc = torch.promote_types(W.dtype, torch.float32)  # float32, or float64 for float64 truth
+    r = torch.einsum("nd,nkd->nk", grad.to(acc), rows.to(acc))
+    return (r * _valid(indices, counts)).to(W.dtype)
+
+
+def sparse_scatter_rows(
+    coef: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor, grad: torch.Tensor, d_sae: int
+) -> torch.Tensor:
+    """G[j] = sum over (b, k) with indices[b, k] == j of coef[b, k] * grad[b]; float32 accumulation."""
+    acc = torch.promote_types(grad.dtype, torch.float32)
+    c = coef.to(acc) * _valid(indices, counts)
+    contrib = c[:, :, None] * grad.to(acc)[:, None, :]
+    out = torch.zeros(d_sae, grad.shape[1], dtype=acc, device=grad.device)
+    out.index_add_(0, indices.reshape(-1), contrib.reshape(-1, grad.shape[1]))
+    return out.to(grad.dtype)
+
+
+def sparse_decode_raw(
+    indices: torch.Tensor, values: torch.Tensor, counts: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """out[b] = sum_k values[b, k] * W[indices[b, k]] (+ bias) over valid slots; float32 accumulation."""
+    n, k = indices.shape
+    rows = W.index_select(0, indices.reshape(-1)).reshape(n, k, W.shape[1])
+    acc = torch.promote_types(W.dtype, torch.float32)
+    v = values.to(acc) * _valid(indices, counts)
+    out = torch.einsum("nk,nkd->nd", v, rows.to(acc))
+    if bias is not None:
+        out = out + bias.to(acc)
+    return out.to(W.dtype)

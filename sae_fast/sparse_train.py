@@ -1,0 +1,147 @@
+"""The sparse training step (DESIGN.md, "Training"), written once over any backend.
+
+Forward: an encoder gives the active set A (indices, pre values) and the band
+N = {|pre - threshold| < eps/2} per token; the decoder is a sparse gather-sum.
+Backward touches only A and N:
+
+    dW_dec   = scatter_rows(acts_A, g)                 db_dec = sum_b g_b
+    dacts    = gather_dot(g, W_dec) on A and on N      dpre   = dacts on A
+    dthr_j   = -(thr_j/eps) sum_{b: j in N_b} dacts[b,j]  -  (g_step/eps) |{b: j in N_b}|
+    dW_encᵀ  = scatter_rows(dpre_A, x')                db_enc = index_add(dpre_A)
+    dx'      = decode(dpre_A, W_encᵀ)                  (and db_dec -= sum dx' if b_dec is applied to x)
+
+A backend supplies `encoder(x', W_enc, b_enc, threshold, half_bandwidth) -> EncodedSets`
+and a `Prims` with decode / gather_dot / scatter_rows. Nothing of shape
+[tokens, d_sae] is created here (the dense-pre encoder of the cpu/cuda
+backends creates one transiently; the Triton encoder never does).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from . import reference
+from .outputs import TrainingOutput
+
+
+@dataclass
+class EncodedSets:
+    a_idx: torch.Tensor  # int64 [N, capA]  active set A (NaN pre included)
+    a_val: torch.Tensor  # T     [N, capA]  pre on A (= acts), 0 on padding
+    a_cnt: torch.Tensor  # int32 [N]
+    n_idx: torch.Tensor  # int64 [N, capN]  band N
+    n_cnt: torch.Tensor  # int32 [N]
+    step_sum: torch.Tensor  # float32 scalar: sum_b sum_j H(pre - threshold)
+
+
+@dataclass
+class Prims:
+    decode: Callable  # (indices, values, counts, W, bias) -> [N, D]
+    gather_dot: Callable  # (grad, indices, counts, W) -> [N, K]
+    scatter_rows: Callable  # (coef, indices, counts, grad, d_sae) -> [d_sae, D]
+
+
+REFERENCE_PRIMS = Prims(reference.sparse_decode_raw, reference.sparse_gather_dot, reference.sparse_scatter_rows)
+
+
+def compact(mask: torch.Tensor, values: torch.Tensor | None = None):
+    """Per-row compaction of a [N, S] mask: (indices, values or None, counts), padded with 0."""
+    n = mask.shape[0]
+    nz = mask.nonzero()
+    rows, cols = nz[:, 0], nz[:, 1]
+    counts = torch.bincount(rows, minlength=n) if n else torch.zeros(0, dtype=torch.int64, device=mask.device)
+    cap = int(counts.max()) if n and rows.numel() else 0
+    pos = torch.arange(rows.numel(), device=mask.device) - (torch.cumsum(counts, 0) - counts)[rows]
+    idx = torch.zeros(n, cap, dtype=torch.int64, device=mask.device)
+    idx[rows, pos] = cols
+    val = None
+    if values is not None:
+        val = torch.zeros(n, cap, dtype=values.dtype, device=mask.device)
+        val[rows, pos] = values[rows, cols]
+    return idx, val, counts.to(torch.int32)
+
+
+def dense_pre_encoder(x, W_enc, b_enc, threshold, half_bandwidth: float) -> EncodedSets:
+    """Encoder for backends whose forward GEMM is dense: pre in full, then compaction."""
+    pre = x @ W_enc + b_enc
+    thr = threshold.float()
+    pre32 = pre.float()
+    a_mask = ((pre32 > thr) & (pre32 > 0)) | torch.isnan(pre32)
+    n_mask = (pre32 - thr).abs() < torch.tensor(half_bandwidth, dtype=torch.float32)
+    a_idx, a_val, a_cnt = compact(a_mask, pre)
+    n_idx, _, n_cnt = compact(n_mask)
+    step_sum = (pre32 > thr).sum(dtype=torch.float32)
+    return EncodedSets(a_idx, a_val, a_cnt, n_idx, n_cnt, step_sum)
+
+
+class SparseJumpReLUSAEFunction(torch.autograd.Function):
+    """(recon [N, d_in], step_sum, active_count) with the sparse backward above."""
+
+    @staticmethod
+    def forward(ctx, x, W_enc, b_enc, threshold, W_dec, b_dec, bandwidth, apply_b_dec_to_input, encoder, prims):
+        xin = x - b_dec if apply_b_dec_to_input else x
+        sets = encoder(xin, W_enc, b_enc, threshold, float(bandwidth) / 2)
+        recon = prims.decode(sets.a_idx, sets.a_val, sets.a_cnt, W_dec, b_dec)
+        active = sets.a_cnt.sum(dtype=torch.float32)
+        ctx.save_for_backward(xin, W_enc, threshold, W_dec, sets.a_idx, sets.a_val, sets.a_cnt, sets.n_idx, sets.n_cnt)
+        ctx.bandwidth = float(bandwidth)
+        ctx.apply_b_dec = apply_b_dec_to_input
+        ctx.prims = prims
+        ctx.mark_non_differentiable(active)
+        return recon, sets.step_sum, active
+
+    @staticmethod
+    def backward(ctx, g, g_step, _g_active):
+        xin, W_enc, threshold, W_dec, a_idx, a_val, a_cnt, n_idx, n_cnt = ctx.saved_tensors
+        p, eps = ctx.prims, ctx.bandwidth
+        d_sae = W_dec.shape[0]
+        need = ctx.needs_input_grad
+        if g is None:
+            g = torch.zeros(xin.shape[0], W_dec.shape[1], dtype=W_dec.dtype, device=W_dec.device)
+        g = g.contiguous()
+        dW_dec = p.scatter_rows(a_val, a_idx, a_cnt, g, d_sae) if need[4] else None
+        db_dec = g.sum(0, dtype=torch.float32) if need[5] else None
+        dpre_a = p.gather_dot(g, a_idx, a_cnt, W_dec)  # dacts on A == dpre on A
+        d_thr = None
+        if need[3]:
+            n_valid = reference._valid(n_idx, n_cnt)
+            dacts_n = p.gather_dot(g, n_idx, n_cnt, W_dec).float()
+            band_sum = torch.zeros(d_sae, dtype=torch.float32, device=g.device).index_add_(0, n_idx.reshape(-1), dacts_n.reshape(-1))
+            d_thr = -(threshold.float() / eps) * band_sum
+            if g_step is not None:
+                band_count = torch.zeros(d_sae, dtype=torch.float32, device=g.device).index_add_(
+                    0, n_idx.reshape(-1), n_valid.reshape(-1).float()
+                )
+                d_thr = d_thr - (g_step.float() / eps) * band_count
+            d_thr = d_thr.to(threshold.dtype)
+        dW_enc = p.scatter_rows(dpre_a, a_idx, a_cnt, xin.contiguous(), d_sae).t() if need[1] else None
+        db_enc = None
+        if need[2]:
+            db_enc = torch.zeros(d_sae, dtype=torch.float32, device=g.device).index_add_(
+                0, a_idx.reshape(-1), dpre_a.float().reshape(-1)
+            ).to(W_enc.dtype)
+        dx = None
+        if need[0] or (ctx.apply_b_dec and need[5]):
+            dxin = p.decode(a_idx, dpre_a, a_cnt, W_enc.t().contiguous(), None)
+            if ctx.apply_b_dec and need[5]:
+                db_dec = db_dec - dxin.sum(0, dtype=torch.float32)
+            dx = dxin if need[0] else None
+        if db_dec is not None:
+            db_dec = db_dec.to(W_dec.dtype)
+        return dx, dW_enc, db_enc, d_thr, dW_dec, db_dec, None, None, None, None
+
+
+def sparse_jumprelu_sae_loss(
+    x, W_enc, b_enc, threshold, W_dec, b_dec, *, l0_coefficient, bandwidth, apply_b_dec_to_input, encoder, prims
+) -> TrainingOutput:
+    """Same contract as reference.jumprelu_sae_loss, computed sparsely. x is [N, d_in]."""
+    recon, step_sum, active = SparseJumpReLUSAEFunction.apply(
+        x, W_enc, b_enc, threshold, W_dec, b_dec, bandwidth, apply_b_dec_to_input, encoder, prims
+    )
+    n = max(x.shape[0], 1)
+    mse_loss = (recon.float() - x.float()).pow(2).sum() / n
+    l0_loss = float(l0_coefficient) * step_sum / n
+    return TrainingOutput(loss=mse_loss + l0_loss, mse_loss=mse_loss, l0_loss=l0_loss, l0=active / n, reconstruction=recon)

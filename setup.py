@@ -1,0 +1,97 @@
+"""Build sae_fast and, when torch is importable at build time, its extension sae_fast._C.
+
+CPU kernels (csrc/*.cpp, OpenMP) are always built with the extension. CUDA
+kernels (csrc/*.cu + kernels/*.cu) are added when torch has CUDA and nvcc is
+found. Environment switches:
+
+  SAE_FAST_SKIP_EXTENSION=1   build no extension at all (pure Python install)
+  SAE_FAST_SKIP_CUDA_BUILD=1  build the CPU kernels only, even where CUDA is available
+  SAE_FAST_FORCE_CUDA=1       build the CUDA kernels or fail (no silent CPU-only fallback)
+  TORCH_CUDA_ARCH_LIST        CUDA architectures (default "8.0;9.0a": A100 and H100)
+  MAX_JOBS                    parallel compile jobs (ninja)
+"""
+
+import glob
+import os
+import re
+import sys
+
+from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _flag(name):
+    return os.environ.get(name, "") not in ("", "0")
+
+
+def _version():
+    with open(os.path.join(HERE, "sae_fast", "__init__.py")) as f:
+        return re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
+
+
+def _extensions():
+    if _flag("SAE_FAST_SKIP_EXTENSION"):
+        print("sae_fast: SAE_FAST_SKIP_EXTENSION set, building no extension", file=sys.stderr)
+        return [], {}
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+    except ImportError:
+        print(
+            "sae_fast: torch is not importable at build time (isolated build?); installing without "
+            "the compiled extension. Use `pip install --no-build-isolation .` to build it.",
+            file=sys.stderr,
+        )
+        return [], {}
+    cpp = sorted(glob.glob("csrc/*.cpp"))
+    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    want_cuda = torch.version.cuda is not None and CUDA_HOME is not None and not _flag("SAE_FAST_SKIP_CUDA_BUILD")
+    if _flag("SAE_FAST_FORCE_CUDA"):
+        if torch.version.cuda is None or CUDA_HOME is None:
+            raise RuntimeError(
+                "SAE_FAST_FORCE_CUDA=1 but torch has no CUDA "
+                f"(torch.version.cuda={torch.version.cuda}) or nvcc was not found (CUDA_HOME={CUDA_HOME})"
+            )
+        want_cuda = True
+    kw = dict(include_dirs=[os.path.join(HERE, "kernels"), os.path.join(HERE, "csrc")], extra_link_args=["-fopenmp"])
+    if want_cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
+        cu = sorted(glob.glob("csrc/*.cu")) + sorted(glob.glob("kernels/*.cu"))
+        ext = CUDAExtension(
+            "sae_fast._C",
+            cpp + cu,
+            define_macros=[("SAE_FAST_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]},
+            **kw,
+        )
+    else:
+        ext = CppExtension("sae_fast._C", cpp, extra_compile_args={"cxx": cxx}, **kw)
+    print(f"sae_fast: building sae_fast._C ({'CPU + CUDA' if want_cuda else 'CPU'} kernels)", file=sys.stderr)
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    name="sae_fast",
+    version=_version(),
+    description="Fast JumpReLU sparse autoencoders for PyTorch: fused Triton/CUDA kernels, sparse backward, training",
+    long_description=open(os.path.join(HERE, "README.md")).read() if os.path.exists(os.path.join(HERE, "README.md")) else "",
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["sae_fast", "sae_fast.*"]),
+    # Any torch >= 2.4 works; no upper pin so an installed CPU or CUDA torch is kept as is.
+    install_requires=["torch>=2.4", "numpy", "safetensors", "tqdm"],
+    extras_require={
+        "triton": ["triton"],
+        "test": ["pytest", "pytest-benchmark"],
+        "bench": ["matplotlib", "pytest-benchmark"],
+        "train": ["transformers", "datasets", "accelerate", "gguf"],
+    },
+    entry_points={"console_scripts": ["sae-fast=sae_fast.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    zip_safe=False,
+)

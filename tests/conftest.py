@@ -1,0 +1,34 @@
+import os
+import random
+import zlib
+
+import pytest
+import torch
+
+# Fresh random inputs on every run, reproducible on demand: the run's base seed
+# is printed in the header; SAE_FAST_TEST_SEED=<seed> replays it.
+BASE_SEED = int(os.environ.get("SAE_FAST_TEST_SEED") or random.SystemRandom().randrange(2**31))
+
+
+def pytest_report_header(config):
+    return f"sae_fast test seed: SAE_FAST_TEST_SEED={BASE_SEED}"
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    torch.manual_seed((BASE_SEED ^ zlib.crc32(request.node.nodeid.encode())) % (2**31))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _no_backend_env(monkeypatch):
+    # Tests choose backends explicitly; a developer's SAE_FAST_BACKEND must not leak in.
+    monkeypatch.delenv("SAE_FAST_BACKEND", raising=False)
