@@ -3,10 +3,12 @@
 // Three sparse primitives over a SparseActs-style layout (indices int64 [N, K],
 // per-row counts int32 [N], padding slots ignored):
 //
-//   sparse_decode(indices, values, counts, W[S, D], bias?) -> out[N, D]
-//       out[b] = sum_{k < counts[b]} values[b, k] * W[indices[b, k]] (+ bias), fp32 accumulation
-//   sparse_gather_dot(grad[N, D], indices, counts, W[S, D]) -> [N, K]
+//   sparse_decode(indices, values, counts, W[S, D], bias?, out_dtype?) -> out[N, D]
+//       out[b] = sum_{k < counts[b]} values[b, k] * W[indices[b, k]] (+ bias), fp32 accumulation,
+//       returned in W's dtype or, with out_dtype=float32, unrounded
+//   sparse_gather_dot(grad[N, D], indices, counts, W[S, D]) -> [N, K] in grad's dtype
 //       r[b, k] = <grad[b], W[indices[b, k]]> on valid slots, 0 on padding
+//       (grad has W's dtype, or float32 for unrounded results)
 //   sparse_scatter_rows(coef[N, K], indices, counts, grad[N, D], d_sae, deterministic) -> [S, D]
 //       G[j] = sum_{(b, k): indices[b, k] = j} coef[b, k] * grad[b]
 //
@@ -75,8 +77,8 @@ inline float tof(T v) { return static_cast<float>(v); }
 // sequentially in float32 loses ~4x more than torch's blocked float32 GEMM
 // (measured at d = 130: 1.9e-5 vs 4.4e-6), while double leaves one rounding.
 // Four independent lanes keep the adds pipelined.
-template <typename T>
-inline double dot(const T* a, const T* b, int64_t D) {
+template <typename A, typename T>
+inline double dot(const A* a, const T* b, int64_t D) {
   double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
   int64_t d = 0;
   for (; d + 4 <= D; d += 4) {
@@ -90,8 +92,10 @@ inline double dot(const T* a, const T* b, int64_t D) {
 }
 
 // ------------------------------------------------------------------ CPU kernels
-template <typename T>
-void decode_cpu(const int64_t* idx, const T* val, const int32_t* cnt, const T* W, const T* bias, T* out,
+// O is T, or float when the caller keeps the reconstruction unrounded (the
+// training step computes its float32 loss and gradient from it).
+template <typename T, typename O>
+void decode_cpu(const int64_t* idx, const T* val, const int32_t* cnt, const T* W, const T* bias, O* out,
                 int64_t N, int64_t K, int64_t D) {
   at::parallel_for(0, N, 1, [&](int64_t b0, int64_t b1) {
     std::vector<double> acc(D);
@@ -102,20 +106,22 @@ void decode_cpu(const int64_t* idx, const T* val, const int32_t* cnt, const T* W
         const T* row = W + idx[b * K + k] * D;
         for (int64_t d = 0; d < D; ++d) acc[d] += v * tof(row[d]);
       }
-      for (int64_t d = 0; d < D; ++d) out[b * D + d] = static_cast<T>(static_cast<float>(acc[d]));
+      for (int64_t d = 0; d < D; ++d) out[b * D + d] = static_cast<O>(static_cast<float>(acc[d]));
     }
   });
 }
 
-template <typename T>
-void gather_dot_cpu(const T* grad, const int64_t* idx, const int32_t* cnt, const T* W, T* out,
+// G is T, or float when the caller wants the dot products unrounded (the
+// threshold gradient sums them over the band; see sae_fast/sparse_train.py).
+template <typename T, typename G>
+void gather_dot_cpu(const G* grad, const int64_t* idx, const int32_t* cnt, const T* W, G* out,
                     int64_t N, int64_t K, int64_t D) {
   at::parallel_for(0, N, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      const T* g = grad + b * D;
+      const G* g = grad + b * D;
       for (int64_t k = 0; k < K; ++k) {
         const double s = k < cnt[b] ? dot(g, W + idx[b * K + k] * D, D) : 0.0;
-        out[b * K + k] = static_cast<T>(static_cast<float>(s));
+        out[b * K + k] = static_cast<G>(static_cast<float>(s));
       }
     }
   });
@@ -161,7 +167,8 @@ void scatter_rows_cpu(const T* coef, const int64_t* idx, const int32_t* cnt, con
 
 // ----------------------------------------------------------------- CPU entries
 at::Tensor sparse_decode_cpu(const at::Tensor& indices, const at::Tensor& values, const at::Tensor& counts,
-                             const at::Tensor& W, const c10::optional<at::Tensor>& bias) {
+                             const at::Tensor& W, const c10::optional<at::Tensor>& bias,
+                             c10::optional<at::ScalarType> out_dtype) {
   const char* op = "sae_fast::sparse_decode";
   check_common(indices, counts, W, op);
   check_float_tensor(values, "values", op);
@@ -177,11 +184,19 @@ at::Tensor sparse_decode_cpu(const at::Tensor& indices, const at::Tensor& values
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == D, op, ": bias must be [d_in]=[", D, "], got ", bias->sizes());
   }
   check_ranges_cpu(indices, counts, S, op);
-  auto out = at::empty({N, D}, W.options());
+  const auto ot = out_dtype.value_or(W.scalar_type());
+  TORCH_CHECK(ot == W.scalar_type() || ot == at::kFloat, op, ": out_dtype must be W's dtype (", W.scalar_type(),
+              ") or float32, got ", ot);
+  auto out = at::empty({N, D}, W.options().dtype(ot));
   SAE_FAST_DISPATCH_FLOAT(W.scalar_type(), op, [&] {
-    decode_cpu<scalar_t>(indices.data_ptr<int64_t>(), values.data_ptr<scalar_t>(), counts.data_ptr<int32_t>(),
-                         W.data_ptr<scalar_t>(), bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr,
-                         out.data_ptr<scalar_t>(), N, K, D);
+    const scalar_t* bp = bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr;
+    if (ot == at::kFloat)
+      decode_cpu<scalar_t, float>(indices.data_ptr<int64_t>(), values.data_ptr<scalar_t>(), counts.data_ptr<int32_t>(),
+                                  W.data_ptr<scalar_t>(), bp, out.data_ptr<float>(), N, K, D);
+    else
+      decode_cpu<scalar_t, scalar_t>(indices.data_ptr<int64_t>(), values.data_ptr<scalar_t>(),
+                                     counts.data_ptr<int32_t>(), W.data_ptr<scalar_t>(), bp,
+                                     out.data_ptr<scalar_t>(), N, K, D);
   });
   return out;
 }
@@ -192,16 +207,25 @@ at::Tensor sparse_gather_dot_cpu(const at::Tensor& grad, const at::Tensor& indic
   check_common(indices, counts, W, op);
   check_float_tensor(grad, "grad", op);
   check_float_tensor(W, "W", op);
-  check_same(grad, "grad", W, "W", op);
+  TORCH_CHECK(grad.scalar_type() == W.scalar_type() || grad.scalar_type() == at::kFloat, op,
+              ": grad must have W's dtype (", W.scalar_type(), ") or float32, got ", grad.scalar_type());
+  TORCH_CHECK(grad.device() == W.device(), op, ": grad (", grad.device(), ") and W (", W.device(),
+              ") must be on the same device");
   TORCH_CHECK(W.dim() == 2, op, ": W must be 2-D [d_sae, D], got ", W.sizes());
   const int64_t N = indices.size(0), K = indices.size(1), S = W.size(0), D = W.size(1);
   TORCH_CHECK(grad.dim() == 2 && grad.size(0) == N && grad.size(1) == D, op, ": grad must be [", N, ", ", D,
               "], got ", grad.sizes());
   check_ranges_cpu(indices, counts, S, op);
-  auto out = at::empty({N, K}, W.options());
+  auto out = at::empty({N, K}, grad.options());  // the output takes grad's dtype
+  const bool g32 = grad.scalar_type() == at::kFloat;
   SAE_FAST_DISPATCH_FLOAT(W.scalar_type(), op, [&] {
-    gather_dot_cpu<scalar_t>(grad.data_ptr<scalar_t>(), indices.data_ptr<int64_t>(), counts.data_ptr<int32_t>(),
-                             W.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), N, K, D);
+    if (g32)
+      gather_dot_cpu<scalar_t, float>(grad.data_ptr<float>(), indices.data_ptr<int64_t>(), counts.data_ptr<int32_t>(),
+                                      W.data_ptr<scalar_t>(), out.data_ptr<float>(), N, K, D);
+    else
+      gather_dot_cpu<scalar_t, scalar_t>(grad.data_ptr<scalar_t>(), indices.data_ptr<int64_t>(),
+                                         counts.data_ptr<int32_t>(), W.data_ptr<scalar_t>(),
+                                         out.data_ptr<scalar_t>(), N, K, D);
   });
   return out;
 }
@@ -234,14 +258,16 @@ at::Tensor sparse_scatter_rows_cpu(const at::Tensor& coef, const at::Tensor& ind
 #ifdef SAE_FAST_WITH_CUDA
 // Defined in csrc/sparse_ops_cuda.cu.
 at::Tensor sparse_decode_cuda(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                              const c10::optional<at::Tensor>&);
+                              const c10::optional<at::Tensor>&, c10::optional<at::ScalarType>);
 at::Tensor sparse_gather_dot_cuda(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&);
 at::Tensor sparse_scatter_rows_cuda(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                     int64_t, bool);
 #endif
 
 TORCH_LIBRARY(sae_fast, m) {
-  m.def("sparse_decode(Tensor indices, Tensor values, Tensor counts, Tensor W, Tensor? bias) -> Tensor");
+  m.def(
+      "sparse_decode(Tensor indices, Tensor values, Tensor counts, Tensor W, Tensor? bias, "
+      "ScalarType? out_dtype=None) -> Tensor");
   m.def("sparse_gather_dot(Tensor grad, Tensor indices, Tensor counts, Tensor W) -> Tensor");
   m.def(
       "sparse_scatter_rows(Tensor coef, Tensor indices, Tensor counts, Tensor grad, int d_sae, "

@@ -10,7 +10,7 @@
 __version__ = "0.1.0"
 
 from . import backends, reference  # noqa: E402
-from ._ext import load_extension as _load_extension  # noqa: E402
+from ._ext import load_extension as _load_extension, load_triton as _load_triton  # noqa: E402
 from ._info import info  # noqa: E402
 from .modules import JumpReLUSAE  # noqa: E402
 from .ops import jumprelu_encode, jumprelu_encode_sparse, jumprelu_sae_loss, sparse_decode  # noqa: E402
@@ -18,6 +18,7 @@ from .outputs import TrainingOutput  # noqa: E402
 from .sparse import SparseActs  # noqa: E402
 
 _load_extension()
+_load_triton()
 
 __all__ = [
     "JumpReLUSAE",

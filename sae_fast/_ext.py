@@ -39,5 +39,13 @@ def load_extension():
     return _state["module"]
 
 
+def load_triton() -> None:
+    """Register the triton backend when Triton imports (it needs no compiled extension)."""
+    try:
+        from . import triton_ops  # noqa: F401
+    except ImportError as e:
+        backends.mark_unregistered("triton", f"triton is not installed ({e}); pip install triton")
+
+
 def extension_error() -> str | None:
     return _state["error"]

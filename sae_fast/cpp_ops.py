@@ -22,38 +22,43 @@ from .sparse_train import Prims, dense_pre_encoder, sparse_jumprelu_sae_loss
 _OPS_READY = False
 
 
-def _register_ops() -> None:
-    global _OPS_READY
-    if _OPS_READY:
-        return
-    ops = torch.ops.sae_fast
+def register_sparse_prims_meta(ns: str) -> None:
+    """Fake impls and autograd for ns::sparse_decode / sparse_gather_dot / sparse_scatter_rows.
 
-    @torch.library.register_fake("sae_fast::sparse_decode")
-    def _(indices, values, counts, W, bias):
-        return W.new_empty(indices.shape[0], W.shape[1])
+    Shared by the C++ ops (ns="sae_fast") and the Triton ops (ns="sae_fast_triton"):
+    same schemas, same formulas.
+    """
+    ops = getattr(torch.ops, ns)
 
-    @torch.library.register_fake("sae_fast::sparse_gather_dot")
+    @torch.library.register_fake(f"{ns}::sparse_decode")
+    def _(indices, values, counts, W, bias, out_dtype=None):
+        return W.new_empty(indices.shape[0], W.shape[1], dtype=out_dtype or W.dtype)
+
+    @torch.library.register_fake(f"{ns}::sparse_gather_dot")
     def _(grad, indices, counts, W):
-        return W.new_empty(indices.shape)
+        return grad.new_empty(indices.shape)  # grad's dtype: W's, or float32
 
-    @torch.library.register_fake("sae_fast::sparse_scatter_rows")
+    @torch.library.register_fake(f"{ns}::sparse_scatter_rows")
     def _(coef, indices, counts, grad, d_sae, deterministic=True):
         return grad.new_empty(d_sae, grad.shape[1])
 
     def _setup_decode(ctx, inputs, output):
-        indices, values, counts, W, bias = inputs
+        indices, values, counts, W, bias, out_dtype = inputs
         ctx.save_for_backward(indices, values, counts, W)
         ctx.has_bias = bias is not None
 
     def _backward_decode(ctx, g):
         indices, values, counts, W = ctx.saved_tensors
-        g = g.contiguous()
-        dv = ops.sparse_gather_dot(g, indices, counts, W) if ctx.needs_input_grad[1] else None
-        dW = ops.sparse_scatter_rows(values, indices, counts, g, W.shape[0], True) if ctx.needs_input_grad[3] else None
-        db = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[4] else None
-        return None, dv, None, dW, db
+        g = g.contiguous()  # float32 when out_dtype was float32
+        dv = ops.sparse_gather_dot(g, indices, counts, W).to(values.dtype) if ctx.needs_input_grad[1] else None
+        dW = (
+            ops.sparse_scatter_rows(values, indices, counts, g.to(W.dtype), W.shape[0], True)
+            if ctx.needs_input_grad[3] else None
+        )
+        db = g.sum(0).to(W.dtype) if ctx.has_bias and ctx.needs_input_grad[4] else None
+        return None, dv, None, dW, db, None
 
-    torch.library.register_autograd("sae_fast::sparse_decode", _backward_decode, setup_context=_setup_decode)
+    torch.library.register_autograd(f"{ns}::sparse_decode", _backward_decode, setup_context=_setup_decode)
 
     def _setup_gd(ctx, inputs, output):
         grad, indices, counts, W = inputs
@@ -62,11 +67,14 @@ def _register_ops() -> None:
     def _backward_gd(ctx, dr):
         grad, indices, counts, W = ctx.saved_tensors
         dr = dr.contiguous()
-        dg = ops.sparse_decode(indices, dr, counts, W, None) if ctx.needs_input_grad[0] else None
-        dW = ops.sparse_scatter_rows(dr, indices, counts, grad, W.shape[0], True) if ctx.needs_input_grad[3] else None
+        dg = ops.sparse_decode(indices, dr.to(W.dtype), counts, W, None, grad.dtype) if ctx.needs_input_grad[0] else None
+        dW = (
+            ops.sparse_scatter_rows(dr.to(W.dtype), indices, counts, grad.to(W.dtype), W.shape[0], True)
+            if ctx.needs_input_grad[3] else None
+        )
         return dg, None, None, dW
 
-    torch.library.register_autograd("sae_fast::sparse_gather_dot", _backward_gd, setup_context=_setup_gd)
+    torch.library.register_autograd(f"{ns}::sparse_gather_dot", _backward_gd, setup_context=_setup_gd)
 
     def _setup_sr(ctx, inputs, output):
         coef, indices, counts, grad, d_sae, deterministic = inputs
@@ -79,14 +87,20 @@ def _register_ops() -> None:
         dg = ops.sparse_decode(indices, coef, counts, dG, None) if ctx.needs_input_grad[3] else None
         return dc, None, None, dg, None, None
 
-    torch.library.register_autograd("sae_fast::sparse_scatter_rows", _backward_sr, setup_context=_setup_sr)
-    _OPS_READY = True
+    torch.library.register_autograd(f"{ns}::sparse_scatter_rows", _backward_sr, setup_context=_setup_sr)
 
 
-def _prims(deterministic: bool = True) -> Prims:
-    ops = torch.ops.sae_fast
+def _register_ops() -> None:
+    global _OPS_READY
+    if not _OPS_READY:
+        register_sparse_prims_meta("sae_fast")
+        _OPS_READY = True
+
+
+def prims_from_ops(ops, deterministic: bool = True) -> Prims:
+    """The three primitives of sparse_train from an op namespace (torch.ops.<ns>)."""
     return Prims(
-        decode=lambda i, v, c, W, b: ops.sparse_decode(i, v.contiguous(), c, W.contiguous(), b),
+        decode=lambda i, v, c, W, b, out_dtype=None: ops.sparse_decode(i, v.contiguous(), c, W.contiguous(), b, out_dtype),
         gather_dot=lambda g, i, c, W: ops.sparse_gather_dot(g.contiguous(), i, c, W.contiguous()),
         scatter_rows=lambda co, i, c, g, s: ops.sparse_scatter_rows(co.contiguous(), i, c, g.contiguous(), s, deterministic),
     )
@@ -98,7 +112,7 @@ class CppBackend:
     def __init__(self, name: str):
         self.name = name
         _register_ops()
-        self.prims = _prims(True)
+        self.prims = prims_from_ops(torch.ops.sae_fast, True)
 
     def encode(self, x, W_enc, b_enc, threshold, b_dec, apply_b_dec_to_input):
         return reference.jumprelu_encode(x, W_enc, b_enc, threshold, b_dec, apply_b_dec_to_input)

@@ -113,13 +113,22 @@ class JumpReLUSAE(nn.Module):
     def _enc_args(self):
         return (self.W_enc, self.b_enc, self.threshold, self.b_dec, self.apply_b_dec_to_input)
 
+    def _encode_backend(self, x: torch.Tensor) -> str:
+        # The fused encoder ops carry no autograd (training goes through
+        # training_forward, whose sparse backward covers the encoder). When autograd
+        # must see encode()/forward(), the reference path runs, so no gradient is
+        # silently lost; under torch.no_grad()/inference_mode the kernels run.
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
+            return "torch"
+        return self.backend
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Dense activations [..., d_sae], exactly relu(pre) * (pre > threshold)."""
-        return ops.jumprelu_encode(x, *self._enc_args(), backend=self.backend)
+        return ops.jumprelu_encode(x, *self._enc_args(), backend=self._encode_backend(x))
 
     def encode_sparse(self, x: torch.Tensor, capacity: int | None = None) -> SparseActs:
         """Sparse activations (SparseActs) of [..., d_in] input; never truncates."""
-        return ops.jumprelu_encode_sparse(x, *self._enc_args(), capacity=capacity, backend=self.backend)
+        return ops.jumprelu_encode_sparse(x, *self._enc_args(), capacity=capacity, backend=self._encode_backend(x))
 
     def decode(self, acts: torch.Tensor | SparseActs) -> torch.Tensor:
         """x̂ from dense activations [..., d_sae] or from SparseActs."""
@@ -131,9 +140,12 @@ class JumpReLUSAE(nn.Module):
         return acts @ self.W_dec + self.b_dec
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Reconstruction x̂ of x [..., d_in]. Dense on the torch backend, sparse on the others."""
-        if self.resolved_backend() == "torch":
-            return self.decode(self.encode(x))
+        """Reconstruction x̂ of x [..., d_in]. Sparse (encode_sparse + sparse decode) on the
+        compiled backends under torch.no_grad(); dense reference when autograd needs the graph."""
+        backend = self._encode_backend(x)
+        if backend == "torch" or backends.resolve(backend, self.device) == "torch":
+            acts = ops.jumprelu_encode(x, *self._enc_args(), backend="torch")
+            return self.decode(acts)
         return self.decode(self.encode_sparse(x))
 
     def training_forward(self, x: torch.Tensor, *, l0_coefficient: float, bandwidth: float = 0.001) -> TrainingOutput:

@@ -207,12 +207,15 @@ def _valid(indices: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
 
 
 def sparse_gather_dot(grad: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
-    """r[b, k] = <grad[b], W[indices[b, k]]> on valid slots, 0 on padding; float32 accumulation."""
+    """r[b, k] = <grad[b], W[indices[b, k]]> on valid slots, 0 on padding; float32 accumulation.
+
+    The result has grad's dtype: W's, or float32 for unrounded dot products.
+    """
     n, k = indices.shape
     rows = W.index_select(0, indices.reshape(-1)).reshape(n, k, W.shape[1])
     acc = torch.promote_types(W.dtype, torch.float32)  # float32, or float64 for float64 truth
     r = torch.einsum("nd,nkd->nk", grad.to(acc), rows.to(acc))
-    return (r * _valid(indices, counts)).to(W.dtype)
+    return (r * _valid(indices, counts)).to(grad.dtype)
 
 
 def sparse_scatter_rows(
@@ -228,9 +231,17 @@ def sparse_scatter_rows(
 
 
 def sparse_decode_raw(
-    indices: torch.Tensor, values: torch.Tensor, counts: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None
+    indices: torch.Tensor,
+    values: torch.Tensor,
+    counts: torch.Tensor,
+    W: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """out[b] = sum_k values[b, k] * W[indices[b, k]] (+ bias) over valid slots; float32 accumulation."""
+    """out[b] = sum_k values[b, k] * W[indices[b, k]] (+ bias) over valid slots; float32 accumulation.
+
+    Returned in W's dtype, or unrounded with out_dtype=torch.float32.
+    """
     n, k = indices.shape
     rows = W.index_select(0, indices.reshape(-1)).reshape(n, k, W.shape[1])
     acc = torch.promote_types(W.dtype, torch.float32)
@@ -238,4 +249,4 @@ def sparse_decode_raw(
     out = torch.einsum("nk,nkd->nd", v, rows.to(acc))
     if bias is not None:
         out = out + bias.to(acc)
-    return out.to(W.dtype)
+    return out.to(out_dtype or W.dtype)

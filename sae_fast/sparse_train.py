@@ -7,7 +7,7 @@ Backward touches only A and N:
     dW_dec   = scatter_rows(acts_A, g)                 db_dec = sum_b g_b
     dacts    = gather_dot(g, W_dec) on A and on N      dpre   = dacts on A
     dthr_j   = -(thr_j/eps) sum_{b: j in N_b} dacts[b,j]  -  (g_step/eps) |{b: j in N_b}|
-    dW_encᵀ  = scatter_rows(dpre_A, x')                db_enc = index_add(dpre_A)
+    dW_encᵀ  = scatter_rows(dpre_A, x')                db_enc = scatter_rows(dpre_A, 1)
     dx'      = decode(dpre_A, W_encᵀ)                  (and db_dec -= sum dx' if b_dec is applied to x)
 
 A backend supplies `encoder(x', W_enc, b_enc, threshold, half_bandwidth) -> EncodedSets`
@@ -73,7 +73,7 @@ def dense_pre_encoder(x, W_enc, b_enc, threshold, half_bandwidth: float) -> Enco
     n_mask = (pre32 - thr).abs() < torch.tensor(half_bandwidth, dtype=torch.float32)
     a_idx, a_val, a_cnt = compact(a_mask, pre)
     n_idx, _, n_cnt = compact(n_mask)
-    step_sum = (pre32 > thr).sum(dtype=torch.float32)
+    step_sum = (pre32 > thr).sum().float()  # int64 count, one rounding
     return EncodedSets(a_idx, a_val, a_cnt, n_idx, n_cnt, step_sum)
 
 
@@ -84,7 +84,10 @@ class SparseJumpReLUSAEFunction(torch.autograd.Function):
     def forward(ctx, x, W_enc, b_enc, threshold, W_dec, b_dec, bandwidth, apply_b_dec_to_input, encoder, prims):
         xin = x - b_dec if apply_b_dec_to_input else x
         sets = encoder(xin, W_enc, b_enc, threshold, float(bandwidth) / 2)
-        recon = prims.decode(sets.a_idx, sets.a_val, sets.a_cnt, W_dec, b_dec)
+        # float32 reconstruction: the loss is float32, so its gradient g stays
+        # unrounded (the dense path rounds x_hat to the SAE dtype first, which
+        # puts ~1% relative error on g = 2(x_hat - x) in bf16).
+        recon = prims.decode(sets.a_idx, sets.a_val, sets.a_cnt, W_dec, b_dec, torch.float32)
         active = sets.a_cnt.sum(dtype=torch.float32)
         ctx.save_for_backward(xin, W_enc, threshold, W_dec, sets.a_idx, sets.a_val, sets.a_cnt, sets.n_idx, sets.n_cnt)
         ctx.bandwidth = float(bandwidth)
@@ -100,29 +103,31 @@ class SparseJumpReLUSAEFunction(torch.autograd.Function):
         d_sae = W_dec.shape[0]
         need = ctx.needs_input_grad
         if g is None:
-            g = torch.zeros(xin.shape[0], W_dec.shape[1], dtype=W_dec.dtype, device=W_dec.device)
-        g = g.contiguous()
+            g = torch.zeros(xin.shape[0], W_dec.shape[1], dtype=torch.float32, device=W_dec.device)
+        g32 = g.float().contiguous()
+        g = g32.to(W_dec.dtype)  # the weight-gradient paths run in the SAE dtype, like the dense path
         dW_dec = p.scatter_rows(a_val, a_idx, a_cnt, g, d_sae) if need[4] else None
-        db_dec = g.sum(0, dtype=torch.float32) if need[5] else None
-        dpre_a = p.gather_dot(g, a_idx, a_cnt, W_dec)  # dacts on A == dpre on A
+        db_dec = g32.sum(0) if need[5] else None
+        dpre_a = p.gather_dot(g32, a_idx, a_cnt, W_dec).to(W_dec.dtype)  # dacts on A == dpre on A
+        # Per-feature sums go through scatter_rows with a ones column (D = 1):
+        # a fixed summation order on every backend, where index_add_ on CUDA
+        # would use order-dependent float atomics.
+        ones = torch.ones(g.shape[0], 1, dtype=torch.float32, device=g.device)
         d_thr = None
         if need[3]:
-            n_valid = reference._valid(n_idx, n_cnt)
-            dacts_n = p.gather_dot(g, n_idx, n_cnt, W_dec).float()
-            band_sum = torch.zeros(d_sae, dtype=torch.float32, device=g.device).index_add_(0, n_idx.reshape(-1), dacts_n.reshape(-1))
+            # float32 grad in, float32 dots out: the band sum below then adds
+            # unrounded terms (one bf16 rounding less per term than the dense path).
+            dacts_n = p.gather_dot(g32, n_idx, n_cnt, W_dec)
+            band_sum = p.scatter_rows(dacts_n, n_idx, n_cnt, ones, d_sae)[:, 0]
             d_thr = -(threshold.float() / eps) * band_sum
             if g_step is not None:
-                band_count = torch.zeros(d_sae, dtype=torch.float32, device=g.device).index_add_(
-                    0, n_idx.reshape(-1), n_valid.reshape(-1).float()
-                )
+                band_count = p.scatter_rows(torch.ones_like(dacts_n), n_idx, n_cnt, ones, d_sae)[:, 0]
                 d_thr = d_thr - (g_step.float() / eps) * band_count
             d_thr = d_thr.to(threshold.dtype)
         dW_enc = p.scatter_rows(dpre_a, a_idx, a_cnt, xin.contiguous(), d_sae).t() if need[1] else None
         db_enc = None
         if need[2]:
-            db_enc = torch.zeros(d_sae, dtype=torch.float32, device=g.device).index_add_(
-                0, a_idx.reshape(-1), dpre_a.float().reshape(-1)
-            ).to(W_enc.dtype)
+            db_enc = p.scatter_rows(dpre_a.float(), a_idx, a_cnt, ones, d_sae)[:, 0].to(W_enc.dtype)
         dx = None
         if need[0] or (ctx.apply_b_dec and need[5]):
             dxin = p.decode(a_idx, dpre_a, a_cnt, W_enc.t().contiguous(), None)
@@ -142,6 +147,8 @@ def sparse_jumprelu_sae_loss(
         x, W_enc, b_enc, threshold, W_dec, b_dec, bandwidth, apply_b_dec_to_input, encoder, prims
     )
     n = max(x.shape[0], 1)
-    mse_loss = (recon.float() - x.float()).pow(2).sum() / n
+    mse_loss = (recon - x.float()).pow(2).sum() / n
     l0_loss = float(l0_coefficient) * step_sum / n
-    return TrainingOutput(loss=mse_loss + l0_loss, mse_loss=mse_loss, l0_loss=l0_loss, l0=active / n, reconstruction=recon)
+    return TrainingOutput(
+        loss=mse_loss + l0_loss, mse_loss=mse_loss, l0_loss=l0_loss, l0=active / n, reconstruction=recon.to(x.dtype)
+    )

@@ -5,6 +5,11 @@ import zlib
 import pytest
 import torch
 
+# Without a GPU the Triton kernels run through the interpreter on CPU tensors;
+# it must be set before triton is first imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # Fresh random inputs on every run, reproducible on demand: the run's base seed
 # is printed in the header; SAE_FAST_TEST_SEED=<seed> replays it.
 BASE_SEED = int(os.environ.get("SAE_FAST_TEST_SEED") or random.SystemRandom().randrange(2**31))

@@ -27,7 +27,7 @@ def make_params(d_in, d_sae, dtype=torch.float32, device="cpu", thr_scale=0.5, s
 def err_vs(out: torch.Tensor, ref64: torch.Tensor) -> float:
     if out.numel() == 0:
         return 0.0
-    return float((out.detach().double() - ref64.double()).abs().max())
+    return float((out.detach().double() - ref64.detach().double()).abs().max())
 
 
 def assert_close_as_dense(out, ref64, dense_same_dtype, factor=2.0, what="output", ulp_dtype=None):
@@ -42,3 +42,40 @@ def assert_close_as_dense(out, ref64, dense_same_dtype, factor=2.0, what="output
     scale = float(ref64.abs().max()) if ref64.numel() else 0.0
     floor = torch.finfo(ulp_dtype or out.dtype).eps * max(scale, 1e-6)
     assert e_out <= factor * e_dense + floor, f"{what}: max error {e_out:.3g} vs dense path {e_dense:.3g} (floor {floor:.3g})"
+
+
+def exact_pre_case(n, d_in, d_sae, dtype, mode="mixed", seed=None):
+    """Inputs on which pre = x @ W_enc + b_enc is exact in fp32, bf16 and fp16.
+
+    x in {-1, 0, 1}, W_enc and b_enc on the 1/8 grid, |pre| <= 4: every partial
+    sum is a multiple of 1/8 below 2^5, exact with 8 significant bits. Thresholds
+    sit at odd multiples of 1/16, so no pre ties a threshold, and with
+    bandwidth = EXACT_BANDWIDTH the band |pre - thr| < 1/8 holds exactly the pre
+    at distance 1/16. So every backend, in every dtype, sees the same active set
+    and band as float64, and only the decode/backward arithmetic can differ.
+    W_dec, b_dec are ordinary random values.
+
+    mode: "mixed" (some active), "all" (every feature active), "none" (none active).
+    """
+    g = torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(0, 2**31, (1,))))
+    x = torch.randint(-1, 2, (n, d_in), generator=g).float()
+    per = max(1, 32 // max(d_in, 1))
+    W_enc = torch.randint(-per, per + 1, (d_in, d_sae), generator=g).float() / 8
+    W_enc *= (torch.rand(d_in, d_sae, generator=g) < min(1.0, 8 / d_in)).float()  # keep |pre| <= 4
+    b_enc = torch.randint(-4, 5, (d_sae,), generator=g).float() / 8
+    if mode == "all":
+        b_enc = b_enc.abs() + 6.0  # pre > 2 everywhere
+        threshold = torch.full((d_sae,), 1.0 / 16)
+    elif mode == "none":
+        threshold = torch.full((d_sae,), 15.0 + 1.0 / 16)
+    else:
+        threshold = (2 * torch.randint(0, 8, (d_sae,), generator=g).float() + 1) / 16
+    W_dec = torch.randn(d_sae, d_in, generator=g)
+    W_dec /= W_dec.norm(dim=1, keepdim=True)
+    b_dec = 0.1 * torch.randn(d_in, generator=g)
+    cast = lambda t: t.to(dtype).contiguous()  # noqa: E731
+    params = dict(W_enc=cast(W_enc), b_enc=cast(b_enc), threshold=threshold, W_dec=cast(W_dec), b_dec=cast(b_dec))
+    return cast(x), params
+
+
+EXACT_BANDWIDTH = 0.25

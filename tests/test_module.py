@@ -4,7 +4,7 @@ import torch
 import sae_fast
 from sae_fast import JumpReLUSAE, SparseActs, reference
 
-from helpers import DTYPES, assert_close_as_dense, make_params
+from helpers import DTYPES, EXACT_BANDWIDTH, assert_close_as_dense, exact_pre_case, make_params
 
 BACKENDS_HERE = [b for b in ("torch", "cpu") if sae_fast.backends.unavailable_reason(b, "cpu") is None]
 
@@ -58,21 +58,24 @@ def test_encode_decode_forward(backend, dtype):
 @pytest.mark.parametrize("backend", BACKENDS_HERE)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_training_forward_matches_reference(backend, dtype):
-    sae = make_sae(dtype=dtype, backend=backend)
-    x = torch.randn(37, 24).to(dtype)
-    out = sae.training_forward(x, l0_coefficient=0.3, bandwidth=0.05)
+    # exact-pre inputs: every dtype sees the float64 active set and band (see helpers)
+    x, p = exact_pre_case(37, 24, 50, dtype)
+    sae = JumpReLUSAE(24, 50, dtype=dtype, backend=backend)
+    with torch.no_grad():
+        for k, v in p.items():
+            getattr(sae, k).copy_(v)
+    bw = EXACT_BANDWIDTH
+    out = sae.training_forward(x, l0_coefficient=0.3, bandwidth=bw)
     out.loss.backward()
     got = {n: p.grad.clone() for n, p in sae.named_parameters()}
     # float64 truth and the dense path in the same dtype
     p64 = {n: p.detach().double().requires_grad_() for n, p in sae.named_parameters()}
-    ref = reference.jumprelu_sae_loss(x.double(), **p64, l0_coefficient=0.3, bandwidth=0.05)
+    ref = reference.jumprelu_sae_loss(x.double(), **p64, l0_coefficient=0.3, bandwidth=bw)
     ref.loss.backward()
     pd = {n: p.detach().clone().requires_grad_() for n, p in sae.named_parameters()}
-    dense = reference.jumprelu_sae_loss(x, **pd, l0_coefficient=0.3, bandwidth=0.05)
+    dense = reference.jumprelu_sae_loss(x, **pd, l0_coefficient=0.3, bandwidth=bw)
     dense.loss.backward()
-    # Same pre as the dense path in this dtype, so the same active set (the
-    # float64 truth may differ by features that rounding moves across a threshold).
-    assert out.l0.item() == dense.l0.item()
+    assert out.l0.item() == dense.l0.item() == ref.l0.item()
     assert out.l0_loss.item() == pytest.approx(dense.l0_loss.item())
     assert_close_as_dense(out.reconstruction, ref.reconstruction, dense.reconstruction, what="reconstruction")
     assert_close_as_dense(out.mse_loss, ref.mse_loss, dense.mse_loss, what="mse", ulp_dtype=dtype)
