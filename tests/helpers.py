@@ -79,3 +79,20 @@ def exact_pre_case(n, d_in, d_sae, dtype, mode="mixed", seed=None):
 
 
 EXACT_BANDWIDTH = 0.25
+
+
+def random_sparse_case(n, s, cap_extra=0, dtype=torch.float32, all_active=False, empty_rows=(), device="cpu"):
+    """Random SparseActs-layout (indices, values, counts) over s features: rows of
+    0..9 distinct features (all s when all_active), cap_extra padding slots, and
+    the rows in empty_rows left empty."""
+    counts = torch.full((n,), s, dtype=torch.int32) if all_active else torch.randint(0, min(s, 9) + 1, (n,), dtype=torch.int32)
+    for r in empty_rows:
+        counts[r] = 0
+    cap = int(counts.max()) + cap_extra if n else cap_extra
+    idx = torch.zeros(n, cap, dtype=torch.int64)
+    val = torch.zeros(n, cap)
+    for b in range(n):
+        c = int(counts[b])
+        idx[b, :c] = torch.randperm(s)[:c]
+        val[b, :c] = torch.rand(c) + 0.1
+    return idx.to(device), val.to(dtype).to(device), counts.to(device)

@@ -7,7 +7,7 @@ import sae_fast
 from sae_fast import reference
 from sae_fast._ext import extension_error, load_extension
 
-from helpers import DTYPES, assert_close_as_dense
+from helpers import DTYPES, assert_close_as_dense, random_sparse_case
 
 ext = load_extension()
 
@@ -19,17 +19,7 @@ def test_extension_is_built():
 
 
 def _case(n, s, d, cap_extra=0, dtype=torch.float32, all_active=False, empty_rows=()):
-    counts = torch.full((n,), s, dtype=torch.int32) if all_active else torch.randint(0, min(s, 9) + 1, (n,), dtype=torch.int32)
-    for r in empty_rows:
-        counts[r] = 0
-    cap = int(counts.max()) + cap_extra if n else cap_extra
-    idx = torch.zeros(n, cap, dtype=torch.int64)
-    val = torch.zeros(n, cap)
-    for b in range(n):
-        c = int(counts[b])
-        idx[b, :c] = torch.randperm(s)[:c]
-        val[b, :c] = torch.rand(c) + 0.1
-    return idx, val.to(dtype), counts
+    return random_sparse_case(n, s, cap_extra, dtype, all_active, empty_rows)
 
 
 SHAPES = [(1, 5, 3), (0, 7, 5), (13, 37, 19), (33, 64, 130)]

@@ -9,7 +9,7 @@ import torch
 import sae_fast
 from sae_fast import reference, triton_kernels as tk
 
-from helpers import DTYPES, EXACT_BANDWIDTH, assert_close_as_dense, exact_pre_case
+from helpers import DTYPES, EXACT_BANDWIDTH, assert_close_as_dense, exact_pre_case, random_sparse_case
 
 pytestmark = pytest.mark.triton
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -84,17 +84,7 @@ def test_deterministic_mode_sorts_rows():
 
 
 def _sparse_case(n, s, d, dtype, all_active=False):
-    counts = torch.full((n,), s, dtype=torch.int32) if all_active else torch.randint(0, min(s, 9) + 1, (n,), dtype=torch.int32)
-    if n > 1:
-        counts[0] = 0
-    cap = int(counts.max()) + 2 if n else 2
-    idx = torch.zeros(n, cap, dtype=torch.int64)
-    val = torch.zeros(n, cap)
-    for b in range(n):
-        c = int(counts[b])
-        idx[b, :c] = torch.randperm(s)[:c]
-        val[b, :c] = torch.rand(c) + 0.1
-    return idx.to(DEV), val.to(dtype).to(DEV), counts.to(DEV)
+    return random_sparse_case(n, s, 2, dtype, all_active, (0,) if n > 1 else (), DEV)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
