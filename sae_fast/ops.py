@@ -66,15 +66,8 @@ def jumprelu_encode_sparse(
         raise ValueError(f"capacity must be a non-negative int or None, got {capacity!r}")
     impl = backends.get(backends.resolve(backend, x.device))
     sp = impl.encode_sparse(x.reshape(-1, d_in), W_enc, b_enc, threshold, b_dec, apply_b_dec_to_input, None)
-    if capacity is not None and capacity > sp.capacity:
-        pad = capacity - sp.capacity
-        sp = SparseActs(
-            torch.nn.functional.pad(sp.indices, (0, pad)),
-            torch.nn.functional.pad(sp.values, (0, pad)),
-            sp.counts,
-            sp.d_sae,
-        )
-    return SparseActs(sp.indices, sp.values, sp.counts, sp.d_sae, x.shape[:-1])
+    sp = SparseActs(sp.indices, sp.values, sp.counts, sp.d_sae, x.shape[:-1])
+    return sp.with_capacity(capacity) if capacity is not None else sp
 
 
 def sparse_decode(

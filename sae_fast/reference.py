@@ -22,7 +22,7 @@ import torch
 
 from ._checks import check_bandwidth
 from .outputs import TrainingOutput
-from .sparse import SparseActs
+from .sparse import SparseActs, valid_slots
 
 
 # ---------------------------------------------------------------- forward ops
@@ -202,10 +202,6 @@ def jumprelu_sae_loss(
 # ---------------------------------------------------------- sparse primitives
 # The three primitives every compiled backend implements (csrc/, kernels/,
 # sae_fast/triton_kernels.py). Padding slots (k >= counts[b]) contribute nothing.
-def _valid(indices: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    return torch.arange(indices.shape[1], device=indices.device)[None, :] < counts.long()[:, None]
-
-
 def sparse_gather_dot(grad: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
     """r[b, k] = <grad[b], W[indices[b, k]]> on valid slots, 0 on padding; float32 accumulation.
 
@@ -215,7 +211,7 @@ def sparse_gather_dot(grad: torch.Tensor, indices: torch.Tensor, counts: torch.T
     rows = W.index_select(0, indices.reshape(-1)).reshape(n, k, W.shape[1])
     acc = torch.promote_types(W.dtype, torch.float32)  # float32, or float64 for float64 truth
     r = torch.einsum("nd,nkd->nk", grad.to(acc), rows.to(acc))
-    return (r * _valid(indices, counts)).to(grad.dtype)
+    return (r * valid_slots(indices, counts)).to(grad.dtype)
 
 
 def sparse_scatter_rows(
@@ -223,7 +219,7 @@ def sparse_scatter_rows(
 ) -> torch.Tensor:
     """G[j] = sum over (b, k) with indices[b, k] == j of coef[b, k] * grad[b]; float32 accumulation."""
     acc = torch.promote_types(grad.dtype, torch.float32)
-    c = coef.to(acc) * _valid(indices, counts)
+    c = coef.to(acc) * valid_slots(indices, counts)
     contrib = c[:, :, None] * grad.to(acc)[:, None, :]
     out = torch.zeros(d_sae, grad.shape[1], dtype=acc, device=grad.device)
     out.index_add_(0, indices.reshape(-1), contrib.reshape(-1, grad.shape[1]))
@@ -245,7 +241,7 @@ def sparse_decode_raw(
     n, k = indices.shape
     rows = W.index_select(0, indices.reshape(-1)).reshape(n, k, W.shape[1])
     acc = torch.promote_types(W.dtype, torch.float32)
-    v = values.to(acc) * _valid(indices, counts)
+    v = values.to(acc) * valid_slots(indices, counts)
     out = torch.einsum("nk,nkd->nd", v, rows.to(acc))
     if bias is not None:
         out = out + bias.to(acc)

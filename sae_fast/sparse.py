@@ -31,6 +31,33 @@ import torch
 from ._checks import FLOAT_DTYPES
 
 
+def valid_slots(indices: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Bool [n_tokens, capacity]: True on slots k < counts[b] (the rest is padding)."""
+    return torch.arange(indices.shape[1], device=indices.device)[None, :] < counts.long()[:, None]
+
+
+def compact(mask: torch.Tensor, values: torch.Tensor | None = None):
+    """Per-row compaction of a [N, S] mask into this layout, unpadded.
+
+    Returns (indices int64 [N, cap], values [N, cap] or None, counts int32 [N])
+    with cap = the largest row count, entries in increasing feature order,
+    padding index 0 and value 0.
+    """
+    n = mask.shape[0]
+    nz = mask.nonzero()
+    rows, cols = nz[:, 0], nz[:, 1]
+    counts = torch.bincount(rows, minlength=n) if n else torch.zeros(0, dtype=torch.int64, device=mask.device)
+    cap = int(counts.max()) if n and rows.numel() else 0
+    pos = torch.arange(rows.numel(), device=mask.device) - (torch.cumsum(counts, 0) - counts)[rows]
+    idx = torch.zeros(n, cap, dtype=torch.int64, device=mask.device)
+    idx[rows, pos] = cols
+    val = None
+    if values is not None:
+        val = torch.zeros(n, cap, dtype=values.dtype, device=mask.device)
+        val[rows, pos] = values[rows, cols]
+    return idx, val, counts.to(torch.int32)
+
+
 class SparseActs:
     __slots__ = ("indices", "values", "counts", "d_sae", "batch_shape")
 
@@ -90,7 +117,7 @@ class SparseActs:
         if n and (c.min() < 0 or c.max() > cap):
             raise ValueError(f"SparseActs.counts must lie in [0, capacity={cap}], got range [{int(c.min())}, {int(c.max())}]")
         if n and cap:
-            valid = torch.arange(cap, device=c.device)[None, :] < c[:, None]
+            valid = valid_slots(self.indices, self.counts)
             idx = self.indices
             if bool(((idx < 0) | (idx >= self.d_sae))[valid].any()):
                 raise ValueError(f"SparseActs.indices must lie in [0, d_sae={self.d_sae}) on valid slots")
@@ -146,11 +173,8 @@ class SparseActs:
             raise ValueError("dense must have shape [..., d_sae]")
         batch_shape, d_sae = tuple(dense.shape[:-1]), int(dense.shape[-1])
         flat = dense.reshape(-1, d_sae)
-        n = flat.shape[0]
-        nz = (flat != 0).nonzero()
-        rows, cols = nz[:, 0], nz[:, 1]
-        counts = torch.bincount(rows, minlength=n) if n else torch.zeros(0, dtype=torch.int64, device=dense.device)
-        max_count = int(counts.max()) if n else 0
+        indices, values, counts = compact(flat != 0, flat)
+        max_count = indices.shape[1]
         if capacity is None:
             capacity = max_count
         elif capacity < max_count:
@@ -158,13 +182,20 @@ class SparseActs:
                 f"capacity={capacity} is smaller than the largest row count {max_count}: "
                 f"truncation would drop active features"
             )
-        starts = torch.cumsum(counts, 0) - counts
-        pos = torch.arange(rows.numel(), device=dense.device) - starts[rows]
-        indices = torch.zeros(n, capacity, dtype=torch.int64, device=dense.device)
-        values = torch.zeros(n, capacity, dtype=dense.dtype, device=dense.device)
-        indices[rows, pos] = cols
-        values[rows, pos] = flat[rows, cols]
-        return cls(indices, values, counts.to(torch.int32), d_sae, batch_shape)
+        return cls(indices, values, counts, d_sae, batch_shape).with_capacity(capacity)
+
+    def with_capacity(self, capacity: int) -> "SparseActs":
+        """The same entries padded to `capacity` slots per row (never fewer than now)."""
+        pad = capacity - self.capacity
+        if pad <= 0:
+            return self
+        return SparseActs(
+            torch.nn.functional.pad(self.indices, (0, pad)),
+            torch.nn.functional.pad(self.values, (0, pad)),
+            self.counts,
+            self.d_sae,
+            self.batch_shape,
+        )
 
     def to_dense(self) -> torch.Tensor:
         """Dense [*batch_shape, d_sae] tensor. Padding adds exact zeros."""
@@ -192,8 +223,7 @@ class SparseActs:
 
     def sorted(self) -> "SparseActs":
         """Same entries with each row's valid slots in increasing feature order."""
-        cap = self.capacity
-        valid = torch.arange(cap, device=self.device)[None, :] < self.counts.long()[:, None]
+        valid = valid_slots(self.indices, self.counts)
         key = torch.where(valid, self.indices, torch.full_like(self.indices, self.d_sae))
         order = key.argsort(dim=1, stable=True)
         return SparseActs(

@@ -25,6 +25,7 @@ import torch
 
 from . import reference
 from .outputs import TrainingOutput
+from .sparse import compact
 
 
 @dataclass
@@ -45,23 +46,6 @@ class Prims:
 
 
 REFERENCE_PRIMS = Prims(reference.sparse_decode_raw, reference.sparse_gather_dot, reference.sparse_scatter_rows)
-
-
-def compact(mask: torch.Tensor, values: torch.Tensor | None = None):
-    """Per-row compaction of a [N, S] mask: (indices, values or None, counts), padded with 0."""
-    n = mask.shape[0]
-    nz = mask.nonzero()
-    rows, cols = nz[:, 0], nz[:, 1]
-    counts = torch.bincount(rows, minlength=n) if n else torch.zeros(0, dtype=torch.int64, device=mask.device)
-    cap = int(counts.max()) if n and rows.numel() else 0
-    pos = torch.arange(rows.numel(), device=mask.device) - (torch.cumsum(counts, 0) - counts)[rows]
-    idx = torch.zeros(n, cap, dtype=torch.int64, device=mask.device)
-    idx[rows, pos] = cols
-    val = None
-    if values is not None:
-        val = torch.zeros(n, cap, dtype=values.dtype, device=mask.device)
-        val[rows, pos] = values[rows, cols]
-    return idx, val, counts.to(torch.int32)
 
 
 def dense_pre_encoder(x, W_enc, b_enc, threshold, half_bandwidth: float) -> EncodedSets:

@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .sparse import valid_slots
+
 _TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
@@ -198,11 +200,11 @@ def jumprelu_encode_sets(x, W_enc, b_enc, threshold, *, band: bool, half_bw: flo
         raise RuntimeError("jumprelu_encode: capacity retry did not converge")
     _CAP_HINT[key] = (_round_cap(a_max + a_max // 4), _round_cap(n_max + n_max // 4))
     # Padding contract of SparseActs: slots k >= counts[b] hold index 0 and value 0.
-    a_valid = torch.arange(a_idx.shape[1], device=x.device)[None, :] < a_cnt[:, None]
+    a_valid = valid_slots(a_idx, a_cnt)
     a_idx = torch.where(a_valid, a_idx, 0)
     a_val = torch.where(a_valid, a_val, torch.zeros((), dtype=a_val.dtype, device=x.device))
     if band:
-        n_valid = torch.arange(n_idx.shape[1], device=x.device)[None, :] < n_cnt[:, None]
+        n_valid = valid_slots(n_idx, n_cnt)
         n_idx = torch.where(n_valid, n_idx, 0)
     return a_idx, a_val, a_cnt, n_idx, n_cnt, h_cnt
 
@@ -312,8 +314,7 @@ def sparse_scatter_rows(coef, indices, counts, grad, d_sae, out=None):
     d = grad.shape[1]
     out = out if out is not None else torch.empty(d_sae, d, dtype=grad.dtype, device=grad.device)
     # Group entries by feature: padding slots get the key d_sae and sort last.
-    valid = torch.arange(k, device=indices.device)[None, :] < counts[:, None]
-    key = torch.where(valid, indices, d_sae).reshape(-1)
+    key = torch.where(valid_slots(indices, counts), indices, d_sae).reshape(-1)
     order = torch.sort(key, stable=True).indices  # stable: (b, k) order inside a feature
     start = torch.zeros(d_sae + 1, dtype=torch.int64, device=grad.device)
     start[1:] = torch.cumsum(torch.bincount(key, minlength=d_sae + 1)[:d_sae], 0)

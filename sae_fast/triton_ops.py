@@ -16,7 +16,7 @@ from torch import Tensor
 
 from . import backends, reference
 from .cpp_ops import prims_from_ops, register_sparse_prims_meta
-from .sparse import SparseActs
+from .sparse import SparseActs, valid_slots
 from .sparse_train import EncodedSets, sparse_jumprelu_sae_loss
 from . import triton_kernels as tk
 
@@ -47,7 +47,7 @@ def jumprelu_encode_sparse(
     if torch.are_deterministic_algorithms_enabled():
         # Kernel tiles claim slots through atomics, so a row's order varies run to
         # run; sorting by feature makes every later float sum order-fixed.
-        pad = torch.arange(a_idx.shape[1], device=a_idx.device)[None, :] >= a_cnt[:, None]
+        pad = ~valid_slots(a_idx, a_cnt)
         big = torch.iinfo(torch.int64).max
         a_idx, order = a_idx.masked_fill(pad, big).sort(dim=1)
         a_val = torch.gather(a_val, 1, order)
