@@ -24,51 +24,13 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "checks.h"
+
 #include <vector>
 
 namespace sae_fast {
 
 namespace {
-
-void check_common(const at::Tensor& indices, const at::Tensor& counts, const at::Tensor& ref, const char* op) {
-  TORCH_CHECK(indices.dim() == 2, op, ": indices must be 2-D [n_tokens, capacity], got ", indices.sizes());
-  TORCH_CHECK(indices.scalar_type() == at::kLong, op, ": indices must be int64, got ", indices.scalar_type());
-  TORCH_CHECK(counts.scalar_type() == at::kInt, op, ": counts must be int32, got ", counts.scalar_type());
-  TORCH_CHECK(counts.dim() == 1 && counts.size(0) == indices.size(0), op,
-              ": counts must be [n_tokens]=[", indices.size(0), "], got ", counts.sizes());
-  TORCH_CHECK(indices.is_contiguous() && counts.is_contiguous(), op, ": indices and counts must be contiguous");
-  TORCH_CHECK(indices.device() == ref.device() && counts.device() == ref.device(), op,
-              ": indices (", indices.device(), ") and counts (", counts.device(),
-              ") must be on the device of the data tensors (", ref.device(), ")");
-}
-
-void check_float_tensor(const at::Tensor& t, const char* name, const char* op) {
-  auto st = t.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf, op, ": ", name,
-              " must be float32, bfloat16 or float16, got ", st);
-  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
-}
-
-void check_same(const at::Tensor& a, const char* an, const at::Tensor& b, const char* bn, const char* op) {
-  TORCH_CHECK(a.scalar_type() == b.scalar_type(), op, ": ", an, " (", a.scalar_type(), ") and ", bn, " (",
-              b.scalar_type(), ") must have the same dtype");
-  TORCH_CHECK(a.device() == b.device(), op, ": ", an, " (", a.device(), ") and ", bn, " (", b.device(),
-              ") must be on the same device");
-}
-
-// Validates counts in [0, K] and every valid index in [0, S). CPU tensors only.
-void check_ranges_cpu(const at::Tensor& indices, const at::Tensor& counts, int64_t S, const char* op) {
-  const int64_t N = indices.size(0), K = indices.size(1);
-  const int64_t* idx = indices.data_ptr<int64_t>();
-  const int32_t* cnt = counts.data_ptr<int32_t>();
-  for (int64_t b = 0; b < N; ++b) {
-    TORCH_CHECK(cnt[b] >= 0 && cnt[b] <= K, op, ": counts[", b, "]=", cnt[b], " outside [0, capacity=", K, "]");
-    for (int64_t k = 0; k < cnt[b]; ++k) {
-      const int64_t j = idx[b * K + k];
-      TORCH_CHECK(j >= 0 && j < S, op, ": indices[", b, ", ", k, "]=", j, " outside [0, d_sae=", S, ")");
-    }
-  }
-}
 
 template <typename T>
 inline float tof(T v) { return static_cast<float>(v); }
@@ -170,23 +132,8 @@ at::Tensor sparse_decode_cpu(const at::Tensor& indices, const at::Tensor& values
                              const at::Tensor& W, const c10::optional<at::Tensor>& bias,
                              c10::optional<at::ScalarType> out_dtype) {
   const char* op = "sae_fast::sparse_decode";
-  check_common(indices, counts, W, op);
-  check_float_tensor(values, "values", op);
-  check_float_tensor(W, "W", op);
-  check_same(values, "values", W, "W", op);
-  TORCH_CHECK(values.sizes() == indices.sizes(), op, ": values must have the shape of indices ", indices.sizes(),
-              ", got ", values.sizes());
-  TORCH_CHECK(W.dim() == 2, op, ": W must be 2-D [d_sae, d_in], got ", W.sizes());
-  const int64_t N = indices.size(0), K = indices.size(1), S = W.size(0), D = W.size(1);
-  if (bias.has_value()) {
-    check_float_tensor(*bias, "bias", op);
-    check_same(*bias, "bias", W, "W", op);
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == D, op, ": bias must be [d_in]=[", D, "], got ", bias->sizes());
-  }
-  check_ranges_cpu(indices, counts, S, op);
-  const auto ot = out_dtype.value_or(W.scalar_type());
-  TORCH_CHECK(ot == W.scalar_type() || ot == at::kFloat, op, ": out_dtype must be W's dtype (", W.scalar_type(),
-              ") or float32, got ", ot);
+  const auto ot = check_decode_args(indices, values, counts, W, bias, out_dtype);
+  const int64_t N = indices.size(0), K = indices.size(1), D = W.size(1);
   auto out = at::empty({N, D}, W.options().dtype(ot));
   SAE_FAST_DISPATCH_FLOAT(W.scalar_type(), op, [&] {
     const scalar_t* bp = bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr;
@@ -204,18 +151,8 @@ at::Tensor sparse_decode_cpu(const at::Tensor& indices, const at::Tensor& values
 at::Tensor sparse_gather_dot_cpu(const at::Tensor& grad, const at::Tensor& indices, const at::Tensor& counts,
                                  const at::Tensor& W) {
   const char* op = "sae_fast::sparse_gather_dot";
-  check_common(indices, counts, W, op);
-  check_float_tensor(grad, "grad", op);
-  check_float_tensor(W, "W", op);
-  TORCH_CHECK(grad.scalar_type() == W.scalar_type() || grad.scalar_type() == at::kFloat, op,
-              ": grad must have W's dtype (", W.scalar_type(), ") or float32, got ", grad.scalar_type());
-  TORCH_CHECK(grad.device() == W.device(), op, ": grad (", grad.device(), ") and W (", W.device(),
-              ") must be on the same device");
-  TORCH_CHECK(W.dim() == 2, op, ": W must be 2-D [d_sae, D], got ", W.sizes());
-  const int64_t N = indices.size(0), K = indices.size(1), S = W.size(0), D = W.size(1);
-  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == N && grad.size(1) == D, op, ": grad must be [", N, ", ", D,
-              "], got ", grad.sizes());
-  check_ranges_cpu(indices, counts, S, op);
+  check_gather_dot_args(grad, indices, counts, W);
+  const int64_t N = indices.size(0), K = indices.size(1), D = W.size(1);
   auto out = at::empty({N, K}, grad.options());  // the output takes grad's dtype
   const bool g32 = grad.scalar_type() == at::kFloat;
   SAE_FAST_DISPATCH_FLOAT(W.scalar_type(), op, [&] {
@@ -234,17 +171,8 @@ at::Tensor sparse_scatter_rows_cpu(const at::Tensor& coef, const at::Tensor& ind
                                    const at::Tensor& grad, int64_t d_sae, bool deterministic) {
   (void)deterministic;  // the CPU kernel is always deterministic
   const char* op = "sae_fast::sparse_scatter_rows";
-  check_common(indices, counts, grad, op);
-  check_float_tensor(coef, "coef", op);
-  check_float_tensor(grad, "grad", op);
-  check_same(coef, "coef", grad, "grad", op);
-  TORCH_CHECK(coef.sizes() == indices.sizes(), op, ": coef must have the shape of indices ", indices.sizes(),
-              ", got ", coef.sizes());
-  TORCH_CHECK(d_sae > 0, op, ": d_sae must be positive, got ", d_sae);
-  const int64_t N = indices.size(0), K = indices.size(1);
-  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == N, op, ": grad must be [n_tokens=", N, ", D], got ", grad.sizes());
-  const int64_t D = grad.size(1);
-  check_ranges_cpu(indices, counts, d_sae, op);
+  check_scatter_rows_args(coef, indices, counts, grad, d_sae);
+  const int64_t N = indices.size(0), K = indices.size(1), D = grad.size(1);
   auto out = at::empty({d_sae, D}, grad.options());
   SAE_FAST_DISPATCH_FLOAT(grad.scalar_type(), op, [&] {
     scatter_rows_cpu<scalar_t>(coef.data_ptr<scalar_t>(), indices.data_ptr<int64_t>(), counts.data_ptr<int32_t>(),

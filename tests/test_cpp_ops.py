@@ -132,3 +132,61 @@ def test_compiled_sae_on_cpu_backend():
     compiled = torch.compile(sae.decode, fullgraph=False)
     sp = sae.encode_sparse(x)
     torch.testing.assert_close(compiled(sp), want)
+
+
+def _cuda_ops():
+    if ext is None or not ext.has_cuda():
+        pytest.fail("a GPU is present but sae_fast._C was built without CUDA kernels")
+    return _ops()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,s,d", [(13, 37, 19), (64, 512, 2304), (1, 5, 3), (0, 7, 8)])
+def test_cuda_primitives_match_reference(dtype, n, s, d):
+    ops = _cuda_ops()
+    idx, val, cnt = random_sparse_case(n, s, 3, dtype, False, (0,) if n > 1 else (), "cuda")
+    W = torch.randn(s, d, device="cuda").to(dtype)
+    bias = torch.randn(d, device="cuda").to(dtype)
+    g = torch.randn(n, d, device="cuda").to(dtype)
+    f64 = lambda t: t.double()  # noqa: E731
+    for out_dtype in (None, torch.float32):
+        out = ops.sparse_decode(idx, val, cnt, W, bias, out_dtype)
+        assert_close_as_dense(out, reference.sparse_decode_raw(idx, f64(val), cnt, f64(W), f64(bias)),
+                              reference.sparse_decode_raw(idx, val, cnt, W, bias, out_dtype), what="cuda sparse_decode")
+    for gg in (g, g.float()):
+        out = ops.sparse_gather_dot(gg, idx, cnt, W)
+        assert out.dtype == gg.dtype
+        assert_close_as_dense(out, reference.sparse_gather_dot(f64(gg), idx, cnt, f64(W)),
+                              reference.sparse_gather_dot(gg, idx, cnt, W), what="cuda sparse_gather_dot")
+    det = ops.sparse_scatter_rows(val, idx, cnt, g, s, True)
+    fast = ops.sparse_scatter_rows(val, idx, cnt, g, s, False)
+    truth = reference.sparse_scatter_rows(f64(val), idx, cnt, f64(g), s)
+    dense = reference.sparse_scatter_rows(val, idx, cnt, g, s)
+    assert_close_as_dense(det, truth, dense, what="cuda scatter (deterministic)")
+    assert_close_as_dense(fast, truth, dense, what="cuda scatter (atomic)")
+    assert torch.equal(det, ops.sparse_scatter_rows(val, idx, cnt, g, s, True))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_backend_training_matches_reference(dtype):
+    from helpers import EXACT_BANDWIDTH, exact_pre_case
+
+    _cuda_ops()
+    x, p = exact_pre_case(33, 24, 70, dtype)
+    kw = dict(l0_coefficient=0.3, bandwidth=EXACT_BANDWIDTH)
+    sae = sae_fast.JumpReLUSAE(24, 70, dtype=dtype, device="cuda", backend="cuda")
+    with torch.no_grad():
+        for k, v in p.items():
+            getattr(sae, k).copy_(v)
+    out = sae.training_forward(x.cuda(), **kw)
+    out.loss.backward()
+    p64 = {k: v.double().requires_grad_() for k, v in p.items()}
+    reference.jumprelu_sae_loss(x.double(), **p64, **kw).loss.backward()
+    pd = {k: v.cuda().requires_grad_() for k, v in p.items()}
+    dense = reference.jumprelu_sae_loss(x.cuda(), **pd, **kw)
+    dense.loss.backward()
+    assert out.l0.item() == dense.l0.item()
+    for k, prm in sae.named_parameters():
+        assert_close_as_dense(prm.grad.cpu(), p64[k].grad, pd[k].grad.cpu(), what=f"cuda grad {k}")

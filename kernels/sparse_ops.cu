@@ -1,0 +1,295 @@
+// CUDA kernels for sae_fast's sparse primitives (see sparse_ops.cuh).
+//
+// Rows of W are read with 16-byte vector loads when d_in allows it (d_in a
+// multiple of 16 / sizeof(T) and 16-byte aligned pointers; the launchers check
+// and fall back to scalar loads). Gemma widths (2304, 3584) always vectorise.
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "sparse_ops.cuh"
+
+namespace sae_fast_kernels {
+namespace {
+
+constexpr int kThreads = 128;
+constexpr int kTile = 128;  // (index, value) pairs of a row staged in shared memory at a time
+
+__device__ __forceinline__ float to_f(float v) { return v; }
+__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_f(float v);
+template <>
+__device__ __forceinline__ float from_f<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+template <>
+__device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
+
+// VEC elements of T starting at p, as floats: 16-byte loads when VEC > 1.
+template <typename T, int VEC>
+__device__ __forceinline__ void load_f(const T* p, float (&f)[VEC]) {
+  if constexpr (VEC == 1) {
+    f[0] = to_f(p[0]);
+  } else {
+    static_assert((VEC * sizeof(T)) % 16 == 0, "vector width must fill 16-byte loads");
+    constexpr int per = 16 / sizeof(T);
+#pragma unroll
+    for (int i = 0; i < VEC / per; ++i) {
+      const uint4 u = reinterpret_cast<const uint4*>(p)[i];
+      const T* e = reinterpret_cast<const T*>(&u);
+#pragma unroll
+      for (int j = 0; j < per; ++j) f[i * per + j] = to_f(e[j]);
+    }
+  }
+}
+
+template <typename T, int VEC>
+__device__ __forceinline__ void store_f(T* p, const float (&f)[VEC]) {
+  if constexpr (VEC == 1) {
+    p[0] = from_f<T>(f[0]);
+  } else {
+    constexpr int per = 16 / sizeof(T);
+#pragma unroll
+    for (int i = 0; i < VEC / per; ++i) {
+      uint4 u;
+      T* e = reinterpret_cast<T*>(&u);
+#pragma unroll
+      for (int j = 0; j < per; ++j) e[j] = from_f<T>(f[i * per + j]);
+      reinterpret_cast<uint4*>(p)[i] = u;
+    }
+  }
+}
+
+// ------------------------------------------------------------------ decode
+// One block per (token, chunk of kThreads * VEC columns). The row's (index,
+// value) pairs are staged in shared memory and every thread walks them, so each
+// W row is read once per chunk with coalesced 16-byte loads.
+template <typename T, typename O, int VEC>
+__global__ void sparse_decode_kernel(const int64_t* __restrict__ idx, const T* __restrict__ val,
+                                     const int32_t* __restrict__ cnt, const T* __restrict__ W,
+                                     const T* __restrict__ bias, O* __restrict__ out, int64_t K, int64_t D) {
+  __shared__ int64_t s_idx[kTile];
+  __shared__ float s_val[kTile];
+  const int64_t b = blockIdx.x;
+  const int64_t d0 = (static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x) * VEC;
+  const bool active = d0 < D;  // with VEC > 1, D % VEC == 0, so the whole vector is in range
+  float acc[VEC];
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) acc[v] = 0.f;
+  if (active && bias != nullptr) load_f<T, VEC>(bias + d0, acc);
+  const int c = cnt[b];
+  const int64_t row0 = b * K;
+  for (int k0 = 0; k0 < c; k0 += kTile) {
+    const int n = min(kTile, c - k0);
+    for (int t = threadIdx.x; t < n; t += blockDim.x) {
+      s_idx[t] = idx[row0 + k0 + t];
+      s_val[t] = to_f(val[row0 + k0 + t]);
+    }
+    __syncthreads();
+    if (active) {
+      for (int t = 0; t < n; ++t) {
+        float w[VEC];
+        load_f<T, VEC>(W + s_idx[t] * D + d0, w);
+        const float v = s_val[t];
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) acc[e] = fmaf(v, w[e], acc[e]);
+      }
+    }
+    __syncthreads();
+  }
+  if (active) store_f<O, VEC>(out + b * D + d0, acc);
+}
+
+// -------------------------------------------------------------- gather-dot
+// One warp per slot (b, k): a strided dot over D, then a warp reduction.
+template <typename T, typename G, int VEC>
+__global__ void sparse_gather_dot_kernel(const G* __restrict__ grad, const int64_t* __restrict__ idx,
+                                         const int32_t* __restrict__ cnt, const T* __restrict__ W,
+                                         G* __restrict__ out, int64_t N, int64_t K, int64_t D) {
+  const int64_t slot = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x & 31;
+  if (slot >= N * K) return;
+  const int64_t b = slot / K;
+  const int64_t k = slot - b * K;
+  float s = 0.f;
+  if (k < cnt[b]) {
+    const T* row = W + idx[slot] * D;
+    const G* g = grad + b * D;
+    for (int64_t d = static_cast<int64_t>(lane) * VEC; d < D; d += 32 * VEC) {
+      float w[VEC], x[VEC];
+      load_f<T, VEC>(row + d, w);
+      load_f<G, VEC>(g + d, x);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) s = fmaf(w[e], x[e], s);
+    }
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) s += __shfl_down_sync(0xffffffffu, s, off);
+  if (lane == 0) out[slot] = from_f<G>(s);
+}
+
+// ------------------------------------------------------------ scatter-rows
+template <typename T, int VEC>
+__global__ void sparse_scatter_rows_segmented_kernel(const int64_t* __restrict__ order,
+                                                     const int64_t* __restrict__ start, const T* __restrict__ coef,
+                                                     const T* __restrict__ grad, T* __restrict__ out, int64_t K,
+                                                     int64_t D) {
+  const int64_t j = blockIdx.x;
+  const int64_t d0 = (static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x) * VEC;
+  if (d0 >= D) return;
+  float acc[VEC];
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) acc[v] = 0.f;
+  const int64_t e1 = start[j + 1];
+  for (int64_t e = start[j]; e < e1; ++e) {
+    const int64_t slot = order[e];
+    const float c = to_f(coef[slot]);
+    float g[VEC];
+    load_f<T, VEC>(grad + (slot / K) * D + d0, g);
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) acc[v] = fmaf(c, g[v], acc[v]);
+  }
+  store_f<T, VEC>(out + j * D + d0, acc);
+}
+
+template <typename T, int VEC>
+__global__ void sparse_scatter_rows_atomic_kernel(const int64_t* __restrict__ idx, const int32_t* __restrict__ cnt,
+                                                  const T* __restrict__ coef, const T* __restrict__ grad,
+                                                  float* __restrict__ ws, int64_t K, int64_t D) {
+  const int64_t slot = blockIdx.x;
+  const int64_t b = slot / K;
+  if (slot - b * K >= cnt[b]) return;
+  const float c = to_f(coef[slot]);
+  float* dst = ws + idx[slot] * D;
+  const T* g = grad + b * D;
+  for (int64_t d = (static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x) * VEC; d < D;
+       d += static_cast<int64_t>(gridDim.y) * blockDim.x * VEC) {
+    float x[VEC];
+    load_f<T, VEC>(g + d, x);
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) atomicAdd(dst + d + v, c * x[v]);
+  }
+}
+
+// ---------------------------------------------------------------- dispatch
+template <typename T>
+constexpr int vec_of() { return 16 / static_cast<int>(sizeof(T)); }
+
+inline bool aligned16(const void* p) { return p == nullptr || (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+template <typename F>
+cudaError_t with_type(DType t, F&& f) {
+  switch (t) {
+    case DType::F32: return f(float{});
+    case DType::BF16: return f(__nv_bfloat16{});
+    case DType::F16: return f(__half{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+inline unsigned int grid_cols(int64_t D, int vec) {
+  return static_cast<unsigned int>((D + static_cast<int64_t>(kThreads) * vec - 1) / (static_cast<int64_t>(kThreads) * vec));
+}
+
+}  // namespace
+
+cudaError_t sparse_decode(DType w, DType out_dtype, const int64_t* indices, const void* values, const int32_t* counts,
+                          const void* W, const void* bias, void* out, int64_t N, int64_t K, int64_t D,
+                          cudaStream_t stream) {
+  if (N == 0 || D == 0) return cudaSuccess;
+  return with_type(w, [&](auto tag) -> cudaError_t {
+    using T = decltype(tag);
+    auto run = [&](auto otag) -> cudaError_t {
+      using O = decltype(otag);
+      constexpr int V = vec_of<T>() > vec_of<O>() ? vec_of<T>() : vec_of<O>();  // whole 16-byte loads on both sides
+      const bool vec = D % V == 0 && aligned16(W) && aligned16(bias) && aligned16(out);
+      if (vec) {
+        dim3 grid(static_cast<unsigned int>(N), grid_cols(D, V));
+        sparse_decode_kernel<T, O, V><<<grid, kThreads, 0, stream>>>(
+            indices, static_cast<const T*>(values), counts, static_cast<const T*>(W), static_cast<const T*>(bias),
+            static_cast<O*>(out), K, D);
+      } else {
+        dim3 grid(static_cast<unsigned int>(N), grid_cols(D, 1));
+        sparse_decode_kernel<T, O, 1><<<grid, kThreads, 0, stream>>>(
+            indices, static_cast<const T*>(values), counts, static_cast<const T*>(W), static_cast<const T*>(bias),
+            static_cast<O*>(out), K, D);
+      }
+      return cudaGetLastError();
+    };
+    if (out_dtype == DType::F32) return run(float{});
+    if (out_dtype != w) return cudaErrorInvalidValue;
+    return run(T{});
+  });
+}
+
+cudaError_t sparse_gather_dot(DType w, DType g, const void* grad, const int64_t* indices, const int32_t* counts,
+                              const void* W, void* out, int64_t N, int64_t K, int64_t D, cudaStream_t stream) {
+  if (N == 0 || K == 0) return cudaSuccess;
+  return with_type(w, [&](auto tag) -> cudaError_t {
+    using T = decltype(tag);
+    auto run = [&](auto gtag) -> cudaError_t {
+      using G = decltype(gtag);
+      constexpr int V = vec_of<T>() > vec_of<G>() ? vec_of<T>() : vec_of<G>();
+      constexpr int warps = kThreads / 32;
+      const unsigned int blocks = static_cast<unsigned int>((N * K + warps - 1) / warps);
+      if (D % V == 0 && aligned16(W) && aligned16(grad)) {
+        sparse_gather_dot_kernel<T, G, V><<<blocks, kThreads, 0, stream>>>(
+            static_cast<const G*>(grad), indices, counts, static_cast<const T*>(W), static_cast<G*>(out), N, K, D);
+      } else {
+        sparse_gather_dot_kernel<T, G, 1><<<blocks, kThreads, 0, stream>>>(
+            static_cast<const G*>(grad), indices, counts, static_cast<const T*>(W), static_cast<G*>(out), N, K, D);
+      }
+      return cudaGetLastError();
+    };
+    if (g == DType::F32) return run(float{});
+    if (g != w) return cudaErrorInvalidValue;
+    return run(T{});
+  });
+}
+
+cudaError_t sparse_scatter_rows_segmented(DType t, const int64_t* order, const int64_t* start, const void* coef,
+                                          const void* grad, void* out, int64_t S, int64_t K, int64_t D,
+                                          cudaStream_t stream) {
+  if (S == 0 || D == 0) return cudaSuccess;
+  if (K == 0) K = 1;  // no entries: every row is written as zeros
+  return with_type(t, [&](auto tag) -> cudaError_t {
+    using T = decltype(tag);
+    constexpr int V = vec_of<T>();
+    if (D % V == 0 && aligned16(grad) && aligned16(out)) {
+      dim3 grid(static_cast<unsigned int>(S), grid_cols(D, V));
+      sparse_scatter_rows_segmented_kernel<T, V><<<grid, kThreads, 0, stream>>>(
+          order, start, static_cast<const T*>(coef), static_cast<const T*>(grad), static_cast<T*>(out), K, D);
+    } else {
+      dim3 grid(static_cast<unsigned int>(S), grid_cols(D, 1));
+      sparse_scatter_rows_segmented_kernel<T, 1><<<grid, kThreads, 0, stream>>>(
+          order, start, static_cast<const T*>(coef), static_cast<const T*>(grad), static_cast<T*>(out), K, D);
+    }
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t sparse_scatter_rows_atomic(DType t, const int64_t* indices, const int32_t* counts, const void* coef,
+                                       const void* grad, float* workspace, int64_t N, int64_t K, int64_t S,
+                                       int64_t D, cudaStream_t stream) {
+  cudaError_t err = cudaMemsetAsync(workspace, 0, static_cast<size_t>(S) * static_cast<size_t>(D) * sizeof(float), stream);
+  if (err != cudaSuccess || N == 0 || K == 0 || D == 0) return err;
+  return with_type(t, [&](auto tag) -> cudaError_t {
+    using T = decltype(tag);
+    constexpr int V = vec_of<T>();
+    const bool vec = D % V == 0 && aligned16(grad);
+    dim3 grid(static_cast<unsigned int>(N * K), vec ? grid_cols(D, V) : grid_cols(D, 1));
+    if (vec) {
+      sparse_scatter_rows_atomic_kernel<T, V><<<grid, kThreads, 0, stream>>>(
+          indices, counts, static_cast<const T*>(coef), static_cast<const T*>(grad), workspace, K, D);
+    } else {
+      sparse_scatter_rows_atomic_kernel<T, 1><<<grid, kThreads, 0, stream>>>(
+          indices, counts, static_cast<const T*>(coef), static_cast<const T*>(grad), workspace, K, D);
+    }
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace sae_fast_kernels

@@ -1,0 +1,42 @@
+// CUDA launchers for sae_fast's sparse primitives. Device code only: no torch
+// headers, raw pointers, sizes and a cudaStream_t, so nvcc can compile-check
+// it on machines without a CUDA build of torch. csrc/sparse_ops_cuda.cu holds
+// the checks and calls these.
+//
+// Layout (SparseActs): indices int64 [N, K], counts int32 [N]; slot k of row b
+// is valid iff k < counts[b]. Every offset is int64 (N*K, N*D, S*D pass 2^31 at
+// 2^20 latents). All sums accumulate in float32.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace sae_fast_kernels {
+
+enum class DType : int { F32 = 0, BF16 = 1, F16 = 2 };
+
+// out[b] = sum_{k < counts[b]} values[b, k] * W[indices[b, k]] (+ bias).
+// values, W, bias: dtype w; out: dtype out (w or F32).
+cudaError_t sparse_decode(DType w, DType out_dtype, const int64_t* indices, const void* values, const int32_t* counts,
+                          const void* W, const void* bias, void* out, int64_t N, int64_t K, int64_t D,
+                          cudaStream_t stream);
+
+// out[b, k] = <grad[b], W[indices[b, k]]> on valid slots, 0 on padding.
+// W: dtype w; grad and out: dtype g (w or F32).
+cudaError_t sparse_gather_dot(DType w, DType g, const void* grad, const int64_t* indices, const int32_t* counts,
+                              const void* W, void* out, int64_t N, int64_t K, int64_t D, cudaStream_t stream);
+
+// Deterministic: out[j] = sum over e in [start[j], start[j+1]) of coef[order[e]] * grad[order[e] / K],
+// in that order. `order` lists the valid flat slots b*K+k grouped by feature (stable in b);
+// `start` [S+1] are the group offsets. Every row of out [S, D] is written (0 where empty).
+cudaError_t sparse_scatter_rows_segmented(DType t, const int64_t* order, const int64_t* start, const void* coef,
+                                          const void* grad, void* out, int64_t S, int64_t K, int64_t D,
+                                          cudaStream_t stream);
+
+// Fast, order-dependent: float atomics into workspace [S, D] float32 (zeroed here).
+cudaError_t sparse_scatter_rows_atomic(DType t, const int64_t* indices, const int32_t* counts, const void* coef,
+                                       const void* grad, float* workspace, int64_t N, int64_t K, int64_t S,
+                                       int64_t D, cudaStream_t stream);
+
+}  // namespace sae_fast_kernels
