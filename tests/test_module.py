@@ -76,6 +76,7 @@ def test_training_forward_matches_reference(backend, dtype):
     dense = reference.jumprelu_sae_loss(x, **pd, l0_coefficient=0.3, bandwidth=bw)
     dense.loss.backward()
     assert out.l0.item() == dense.l0.item() == ref.l0.item()
+    assert torch.equal(out.fired, ref.fired) and out.fired.any()
     assert out.l0_loss.item() == pytest.approx(dense.l0_loss.item())
     assert_close_as_dense(out.reconstruction, ref.reconstruction, dense.reconstruction, what="reconstruction")
     assert_close_as_dense(out.mse_loss, ref.mse_loss, dense.mse_loss, what="mse", ulp_dtype=dtype)

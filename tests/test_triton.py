@@ -141,6 +141,7 @@ def test_training_forward_matches_reference(dtype, n, apply_b_dec):
     truth, tg, tx = run({k: v.double() for k, v in p.items()}, x.double(), "truth")
     dense, dg, dx = run(p, x, "torch")
     assert got.l0.item() == truth.l0.item() and got.l0_loss.item() == pytest.approx(truth.l0_loss.item())
+    assert torch.equal(got.fired.cpu(), truth.fired.cpu())
     assert_close_as_dense(got.reconstruction, truth.reconstruction, dense.reconstruction, what="reconstruction")
     assert_close_as_dense(got.mse_loss, truth.mse_loss, dense.mse_loss, what="mse", ulp_dtype=dtype)
     for k in gg:

