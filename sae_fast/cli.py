@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -14,7 +15,35 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("info", help="print versions, devices and which backends are available (and why not)")
     _add_train(sub)
+    _add_bench(sub)
     return p
+
+
+def _add_bench(sub) -> None:
+    from .bench import OPS
+
+    b = sub.add_parser(
+        "bench", help="benchmark sae_fast against dense PyTorch (eager, torch.compile) and SAELens",
+        description="Time encode, encode_sparse, decode, forward and a full training step for every contender "
+                    "available here, after checking each against the dense reference; measure the device's roofline "
+                    "in the same run; write a markdown table, a JSON record and PNG plots.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    b.add_argument("--quick", action="store_true", help="small shapes that finish in about a minute on CPU (CI runs this)")
+    b.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    b.add_argument("--ops", nargs="+", choices=OPS, default=None, help="operations to time (default: all)")
+    b.add_argument("--contenders", nargs="+", choices=("dense", "compile", "saelens", "triton", "cuda", "cpu"),
+                   default=None, help="contenders (default: all that can run here; dense comes first as the baseline)")
+    b.add_argument("--d-in", type=int, nargs="+", default=None, help="input widths (default 2304 3584)")
+    b.add_argument("--d-sae", type=int, nargs="+", default=None, help="dictionary widths (default 16384 65536 131072 1048576)")
+    b.add_argument("--tokens", type=int, default=4096, help="tokens per batch")
+    b.add_argument("--l0", type=int, nargs="+", default=None, help="target L0s; thresholds are set to give them (default 20 64 150)")
+    b.add_argument("--dtype", nargs="+", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="dtypes (default float32 bfloat16)")
+    b.add_argument("--reps", type=int, default=None, help="timed runs per measurement (default 20; 5 with --quick)")
+    b.add_argument("--out", default="benchmarks/results" if os.path.isdir("benchmarks/results") else "bench_results",
+                   help="output directory")
+    b.add_argument("--name", default=None, help="file name prefix (default bench_<device>[_quick])")
+    b.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
 
 
 # The embedded default (no --model): a few minutes on 2 CPU cores. Every value
@@ -121,6 +150,12 @@ def main(argv: list[str] | None = None) -> int:
 
         info()
         return 0
+    if args.command == "bench":
+        from .bench import main as bench_main
+
+        if args.contenders and args.contenders[0] != "dense":
+            args.contenders = ["dense"] + [c for c in args.contenders if c != "dense"]
+        return bench_main(args)
     if args.command == "train":
         from .train import train
 

@@ -1,0 +1,468 @@
+"""`sae-fast bench`: sae_fast against dense PyTorch (eager and torch.compile) and SAELens.
+
+For every shape and op, each contender is first checked against the dense eager
+reference, then timed (warm-up, device events on CUDA, median with spread over
+rotated inputs). The device's matmul rate and copy bandwidth are measured in the
+same run, and each result is reported as achieved TFLOP/s, GB/s and fraction of
+its floor. Writes a markdown table, a JSON record (device, versions, commit) and
+PNG plots.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from . import reference
+from .modules import JumpReLUSAE
+from .sparse import SparseActs
+
+OPS = ("encode", "encode_sparse", "decode", "forward", "train_step")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# ------------------------------------------------------------------ timing
+def time_fn(fn, inputs, *, warmup=2, reps=10):
+    """Median and spread (min, p25, p75, max) of fn(inp) in seconds, rotating over
+    `inputs` so no single input stays hot in cache. CUDA: device events; CPU: perf_counter."""
+    cuda = torch.cuda.is_available() and any(
+        isinstance(t, torch.Tensor) and t.is_cuda for inp in inputs for t in (inp if isinstance(inp, tuple) else (inp,)))
+    for i in range(warmup):
+        fn(inputs[i % len(inputs)])
+    if cuda:
+        torch.cuda.synchronize()
+    times = []
+    for i in range(reps):
+        inp = inputs[i % len(inputs)]
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn(inp)
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn(inp)
+            times.append(time.perf_counter() - t0)
+    q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+    return {"median_s": statistics.median(times), "min_s": min(times), "p25_s": q[0], "p75_s": q[2],
+            "max_s": max(times), "reps": reps}
+
+
+def environment() -> dict:
+    from . import __version__
+
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=here).stdout.strip()
+    except OSError:
+        commit = ""
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU {platform.processor() or platform.machine()}"
+    try:
+        import triton
+
+        tv = triton.__version__
+    except ImportError:
+        tv = None
+    return {"device": dev, "cpu_threads": torch.get_num_threads(), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "triton": tv, "sae_fast": __version__, "python": platform.python_version(), "commit": commit or "unknown",
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+
+
+# ------------------------------------------------------------------ roofline
+def measure_roofline(device: torch.device, dtype: torch.dtype, quick: bool) -> dict:
+    """Dense matmul rate (TFLOP/s) and copy bandwidth (GB/s) of this device, measured now."""
+    n = 1024 if device.type == "cpu" else 8192
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    t = time_fn(lambda _: a @ b, [None], warmup=1, reps=3 if quick else 10)["median_s"]
+    nbytes = (64 if device.type == "cpu" else 1024) * 2**20
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).normal_()
+    dst = torch.empty_like(src)
+    tc = time_fn(lambda _: dst.copy_(src), [None], warmup=1, reps=3 if quick else 10)["median_s"]
+    return {"matmul_tflops": 2 * n**3 / t / 1e12, "copy_gbps": 2 * nbytes / tc / 1e9, "matmul_n": n, "copy_bytes": nbytes}
+
+
+# ------------------------------------------------------------------- inputs
+@dataclass(frozen=True)
+class Shape:
+    d_in: int
+    d_sae: int
+    tokens: int
+    l0: int
+    dtype: str
+
+    def __str__(self):
+        return f"d_in={self.d_in} d_sae={self.d_sae} T={self.tokens} L0={self.l0} {self.dtype}"
+
+
+class Workload:
+    """Realistic activations (a power-law spectrum in a random rotation, like LM
+    residuals) and SAE parameters whose thresholds give the asked L0 in expectation:
+    pre_j is Gaussian with std sigma_j, so threshold_j = sigma_j * Phi^-1(1 - L0/d_sae)."""
+
+    def __init__(self, shape: Shape, device: torch.device, n_inputs: int = 2, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        d, S, dt = shape.d_in, shape.d_sae, DTYPES[shape.dtype]
+        spec = torch.arange(1, d + 1, dtype=torch.float32).pow(-0.5)
+        Q, _ = torch.linalg.qr(torch.randn(d, d, generator=g))
+        self.xs = [((torch.randn(shape.tokens, d, generator=g) * spec) @ Q).to(device=device, dtype=dt)
+                   for _ in range(n_inputs)]
+        W_dec = torch.randn(S, d, generator=g)
+        W_dec /= W_dec.norm(dim=1, keepdim=True)
+        sigma = ((Q @ W_dec.T) * spec[:, None]).norm(dim=0)  # std of pre_j = x . w_j
+        p = min(max(shape.l0 / S, 1e-9), 0.999)
+        thr = sigma * torch.special.ndtri(torch.tensor(1 - p))
+        self.params = {"W_enc": W_dec.T.contiguous().to(device, dt), "b_enc": torch.zeros(S, device=device, dtype=dt),
+                       "threshold": thr.to(device), "W_dec": W_dec.to(device, dt), "b_dec": torch.zeros(d, device=device, dtype=dt)}
+        self.shape = shape
+
+    def sae(self, backend: str) -> JumpReLUSAE:
+        s = self.shape
+        sae = JumpReLUSAE(s.d_in, s.d_sae, dtype=DTYPES[s.dtype], device=self.xs[0].device, backend=backend)
+        with torch.no_grad():
+            for k, v in self.params.items():
+                getattr(sae, k).copy_(v)
+        return sae
+
+
+# --------------------------------------------------------------- contenders
+def _adam(params):
+    return torch.optim.Adam(params, lr=1e-5, betas=(0.0, 0.999))
+
+
+class DenseEager:
+    """The Gemma Scope reference module, dense, in eager PyTorch."""
+
+    name = "dense eager"
+    sparse_io = False
+
+    def __init__(self, wl: Workload, compile_: bool = False):
+        self.p = {k: v.clone().requires_grad_() for k, v in wl.params.items()}
+        p = self.p
+        enc = lambda x: reference.jumprelu_encode(x, p["W_enc"], p["b_enc"], p["threshold"])  # noqa: E731
+        dec = lambda a: a @ p["W_dec"] + p["b_dec"]  # noqa: E731
+        loss = lambda x: reference.jumprelu_sae_loss(x, **p, l0_coefficient=1e-3, bandwidth=1e-3).loss  # noqa: E731
+        if compile_:
+            enc, dec, loss = torch.compile(enc), torch.compile(dec), torch.compile(loss)
+        self.opt = _adam(self.p.values())
+        self.fns = {
+            "encode": lambda x: enc(x),
+            "encode_sparse": lambda x: SparseActs.from_dense(enc(x)),
+            "decode": lambda a: dec(a),
+            "forward": lambda x: dec(enc(x)),
+            "train_step": self._step(loss),
+        }
+
+    def _step(self, loss):
+        def step(x):
+            self.opt.zero_grad(set_to_none=True)
+            out = loss(x)
+            out.backward()
+            self.opt.step()
+            return out
+
+        return step
+
+
+class DenseCompiled(DenseEager):
+    name = "dense torch.compile"
+
+    def __init__(self, wl):
+        super().__init__(wl, compile_=True)
+
+
+class SAEFast:
+    sparse_io = True
+
+    def __init__(self, wl: Workload, backend: str):
+        self.name = f"sae_fast {backend}"
+        self.sae = wl.sae(backend)
+        self.opt = _adam(self.sae.parameters())
+        sae = self.sae
+
+        def step(x):
+            self.opt.zero_grad(set_to_none=True)
+            out = sae.training_forward(x, l0_coefficient=1e-3, bandwidth=1e-3).loss
+            out.backward()
+            self.opt.step()
+            return out
+
+        self.fns = {"encode": sae.encode, "encode_sparse": sae.encode_sparse, "decode": sae.decode,
+                    "forward": sae.forward, "train_step": step}
+
+
+class SAELensJumpReLU:
+    """SAELens's JumpReLUSAE (inference) and JumpReLUTrainingSAE with its own
+    training_forward_pass (training step), given the same parameters."""
+
+    name = "saelens"
+    sparse_io = False
+
+    def __init__(self, wl: Workload):
+        import dataclasses
+
+        from sae_lens.saes.jumprelu_sae import (JumpReLUSAE as SLSAE, JumpReLUSAEConfig, JumpReLUTrainingSAE,
+                                                JumpReLUTrainingSAEConfig)
+        from sae_lens.saes.sae import TrainStepInput
+
+        s, dev = wl.shape, str(wl.xs[0].device)
+        common = dict(d_in=s.d_in, d_sae=s.d_sae, dtype=s.dtype, device=dev, apply_b_dec_to_input=False)
+        self.sae = SLSAE(JumpReLUSAEConfig(**common))
+        tr = JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(**common, jumprelu_bandwidth=1e-3, l0_coefficient=1e-3))
+        with torch.no_grad():
+            for m in (self.sae, tr):
+                names = dict(m.named_parameters())
+                for k, v in wl.params.items():
+                    if k in names:
+                        names[k].copy_(v)
+                    elif k == "threshold" and "log_threshold" in names:  # older SAELens training SAEs
+                        names["log_threshold"].copy_(v.float().clamp_min(1e-12).log())
+                    else:
+                        raise ImportError(f"this SAELens version's JumpReLU SAE has no parameter {k!r}")
+        self.opt = _adam(tr.parameters())
+        fields = {f.name for f in dataclasses.fields(TrainStepInput)}
+
+        def step(x):
+            self.opt.zero_grad(set_to_none=True)
+            kw = dict(sae_in=x, coefficients={"l0": 1e-3}, dead_neuron_mask=None)
+            kw.update({k: v for k, v in (("n_training_steps", 10**6), ("is_logging_step", False)) if k in fields})
+            loss = tr.training_forward_pass(TrainStepInput(**kw)).loss
+            loss.backward()
+            self.opt.step()
+            return loss
+
+        self.fns = {"encode": self.sae.encode, "encode_sparse": lambda x: SparseActs.from_dense(self.sae.encode(x)),
+                    "decode": self.sae.decode, "forward": self.sae.forward, "train_step": step}
+
+
+def contenders(wl: Workload, names: list[str]) -> tuple[list, list[tuple[str, str]]]:
+    """The contenders that can run here, and (name, reason) for those that cannot."""
+    from . import backends
+
+    dev = wl.xs[0].device
+    out, skipped = [], []
+    for n in names:
+        if n == "dense":
+            out.append(DenseEager(wl))
+        elif n == "compile":
+            out.append(DenseCompiled(wl))
+        elif n == "saelens":
+            try:
+                out.append(SAELensJumpReLU(wl))
+            except ImportError as e:
+                skipped.append(("saelens", f"sae-lens not installed ({e})"))
+        elif n in backends.NAMES and n != "torch":
+            why = backends.unavailable_reason(n, dev)
+            if n == "triton" and dev.type == "cpu":
+                why = why or "the Triton interpreter is a correctness tool, not a benchmark"
+            if why:
+                skipped.append((f"sae_fast {n}", why))
+            else:
+                out.append(SAEFast(wl, n))
+        else:
+            raise ValueError(f"unknown contender {n!r}")
+    return out, skipped
+
+
+# ------------------------------------------------------------- floors, checks
+def op_model(op: str, s: Shape) -> tuple[float, float]:
+    """(useful FLOPs, floor bytes) of the sparse algorithm for `op` at shape `s`."""
+    b = torch.finfo(DTYPES[s.dtype]).bits // 8
+    T, d, S, L = s.tokens, s.d_in, s.d_sae, s.l0
+    enc_f, enc_b = 2 * T * d * S, d * S * b + T * d * b
+    dec_rows = min(S, T * L)
+    dec_f, dec_b = 2 * T * L * d, dec_rows * d * b + T * L * (b + 8) + T * d * b
+    if op == "encode":
+        return enc_f, enc_b + T * S * b  # dense output written
+    if op == "encode_sparse":
+        return enc_f, enc_b + T * L * (b + 8)
+    if op == "decode":
+        return dec_f, dec_b
+    if op == "forward":
+        return enc_f + dec_f, enc_b + dec_b
+    # train step: encoder GEMM + sparse backward (~2x decode-sized gathers/scatters for each of W_dec, W_enc)
+    # + Adam over both matrices (read param, grad, moment; write param, moment; fp32 moment)
+    params = 2 * d * S
+    return enc_f + 4 * dec_f, enc_b + 4 * dec_b + params * (3 * b + 2 * 4)
+
+
+def _close(a, ref, dtype) -> bool:
+    if isinstance(a, SparseActs):
+        a = a.to_dense()
+    if isinstance(ref, SparseActs):
+        ref = ref.to_dense()
+    a, ref = a.detach().float(), ref.detach().float()
+    if a.shape != ref.shape:
+        return False
+    tol = 16 * torch.finfo(dtype).eps * max(float(ref.abs().max()) if ref.numel() else 0.0, 1e-6)
+    # an element near its threshold may land on either side in another summation order
+    bad = ((a - ref).abs() > tol).float().mean().item() if a.numel() else 0.0
+    return bad <= 1e-3
+
+
+def _input(op: str, wl: Workload, c, i: int):
+    x = wl.xs[i]
+    if op != "decode":
+        return x
+    with torch.no_grad():
+        acts = reference.jumprelu_encode(x, wl.params["W_enc"], wl.params["b_enc"], wl.params["threshold"])
+    return SparseActs.from_dense(acts) if c.sparse_io else acts
+
+
+def fits(shape: Shape, device: torch.device) -> str | None:
+    """None if the dense baseline's working set fits this device, else why not."""
+    b = torch.finfo(DTYPES[shape.dtype]).bits // 8
+    need = 2 * shape.d_in * shape.d_sae * (b * 3 + 8) + 4 * shape.tokens * shape.d_sae * b
+    have = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 16 * 2**30
+    if need > 0.9 * have:
+        return f"needs about {need / 2**30:.0f} GiB (dense baseline), device has {have / 2**30:.0f} GiB"
+    return None
+
+
+# --------------------------------------------------------------------- run
+def run(shapes: list[Shape], ops: list[str], names: list[str], device: torch.device, *, reps: int, warmup: int,
+        quick: bool, log=print) -> dict:
+    env = environment()
+    roof = {dt: measure_roofline(device, DTYPES[dt], quick) for dt in sorted({s.dtype for s in shapes})}
+    rows, skipped = [], []
+    for s in shapes:
+        why = fits(s, device)
+        if why:
+            skipped.append({"shape": str(s), "reason": why})
+            log(f"skip {s}: {why}")
+            continue
+        wl = Workload(s, device)
+        cs, sk = contenders(wl, names)
+        skipped += [{"shape": str(s), "contender": n, "reason": r} for n, r in sk]
+        base = cs[0]
+        for op in ops:
+            with torch.no_grad():
+                ref_out = base.fns[op](_input(op, wl, base, 0)) if op != "train_step" else None
+            flops, nbytes = op_model(op, s)
+            r = roof[s.dtype]
+            floor_s = max(flops / (r["matmul_tflops"] * 1e12), nbytes / (r["copy_gbps"] * 1e9))
+            for c in cs:
+                inputs = [_input(op, wl, c, i) for i in range(len(wl.xs))]
+                if op == "train_step":
+                    ok = True  # every backend's loss and gradients are tested against the reference in tests/
+                else:
+                    with torch.no_grad():
+                        ok = _close(c.fns[op](inputs[0]), ref_out, DTYPES[s.dtype])
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                    before = torch.cuda.memory_allocated()
+                ctx = torch.enable_grad() if op == "train_step" else torch.no_grad()
+                with ctx:
+                    t = time_fn(c.fns[op], inputs, warmup=warmup, reps=reps)
+                peak = torch.cuda.max_memory_allocated() - before if device.type == "cuda" else None
+                rows.append({"shape": str(s), **s.__dict__, "op": op, "contender": c.name, "correct": ok, **t,
+                             "peak_extra_bytes": peak, "tflops": flops / t["median_s"] / 1e12,
+                             "gbps": nbytes / t["median_s"] / 1e9, "floor_s": floor_s,
+                             "fraction_of_floor": floor_s / t["median_s"]})
+                log(f"{s} {op:<13} {c.name:<20} {t['median_s'] * 1e3:9.3f} ms  {'ok' if ok else 'MISMATCH'}")
+        del wl, cs
+    for r in rows:
+        dense = next((x for x in rows if x["shape"] == r["shape"] and x["op"] == r["op"] and x["contender"] == "dense eager"), None)
+        r["speedup_vs_dense"] = dense["median_s"] / r["median_s"] if dense else None
+    return {"environment": env, "roofline": roof, "results": rows, "skipped": skipped,
+            "settings": {"reps": reps, "warmup": warmup, "quick": quick, "inputs_rotated": 2}}
+
+
+def markdown(rec: dict) -> str:
+    env = rec["environment"]
+    lines = [f"# sae-fast bench: {env['device']}", "",
+             f"torch {env['torch']} (CUDA {env['cuda']}), triton {env['triton']}, sae_fast {env['sae_fast']}, "
+             f"commit {env['commit'][:12]}, {env['date']}; median of {rec['settings']['reps']} runs after "
+             f"{rec['settings']['warmup']} warm-ups, inputs rotated.", ""]
+    for dt, r in rec["roofline"].items():
+        lines.append(f"Measured roofline ({dt}): matmul {r['matmul_tflops']:.2f} TFLOP/s, copy {r['copy_gbps']:.1f} GB/s.")
+    lines += ["", "| shape | op | contender | median ms | p25–p75 ms | speedup vs dense | TFLOP/s | GB/s | of floor | peak MiB | ok |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rec["results"]:
+        pk = f"{r['peak_extra_bytes'] / 2**20:.0f}" if r["peak_extra_bytes"] is not None else "n/a"
+        sp = f"{r['speedup_vs_dense']:.2f}×" if r["speedup_vs_dense"] else "–"
+        lines.append(f"| {r['shape']} | {r['op']} | {r['contender']} | {r['median_s'] * 1e3:.3f} | "
+                     f"{r['p25_s'] * 1e3:.3f}–{r['p75_s'] * 1e3:.3f} | {sp} | {r['tflops']:.3f} | {r['gbps']:.1f} | "
+                     f"{r['fraction_of_floor']:.2f} | {pk} | {'yes' if r['correct'] else 'NO'} |")
+    if rec["skipped"]:
+        lines += ["", "Skipped:"] + [f"- {s.get('contender', 'all')} at {s['shape']}: {s['reason']}" for s in rec["skipped"]]
+    return "\n".join(lines) + "\n"
+
+
+def plots(rec: dict, prefix: str) -> list[str]:
+    """time vs d_sae per contender, and speedup vs dense eager, one panel per op."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    rows = rec["results"]
+    ops = [o for o in OPS if any(r["op"] == o for r in rows)]
+    paths = []
+    for kind, key, ylabel in (("time", "median_s", "median time (ms)"), ("speedup", "speedup_vs_dense", "speedup vs dense eager")):
+        fig, axes = plt.subplots(1, len(ops), figsize=(4 * len(ops), 3.6), squeeze=False)
+        for ax, op in zip(axes[0], ops):
+            groups = {}
+            for r in rows:
+                if r["op"] == op and r[key] is not None:
+                    groups.setdefault((r["contender"], r["d_in"], r["l0"], r["dtype"]), []).append(r)
+            for (c, d, l0, dt), rs in sorted(groups.items()):
+                rs.sort(key=lambda r: r["d_sae"])
+                ys = [r[key] * (1e3 if key == "median_s" else 1) for r in rs]
+                ax.plot([r["d_sae"] for r in rs], ys, marker="o", label=f"{c} (d_in {d}, L0 {l0}, {dt})")
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_title(op)
+            ax.set_xlabel("d_sae")
+            ax.set_ylabel(ylabel)
+        axes[0][-1].legend(fontsize=6, loc="best")
+        fig.suptitle(f"sae-fast bench on {rec['environment']['device']}")
+        fig.tight_layout()
+        p = f"{prefix}_{kind}.png"
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        paths.append(p)
+    return paths
+
+
+def main(args) -> int:
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.quick:
+        d_ins, d_saes, tokens, l0s, dtypes = [256], [1024, 4096], 256, [16], ["float32"]
+        reps, warmup = args.reps or 5, 1
+    else:
+        d_ins = args.d_in or [2304, 3584]
+        d_saes = args.d_sae or [16384, 65536, 131072, 1048576]
+        tokens, l0s, dtypes = args.tokens, args.l0 or [20, 64, 150], args.dtype or ["float32", "bfloat16"]
+        reps, warmup = args.reps or 20, 3
+    if args.quick and args.d_sae:
+        d_saes = args.d_sae
+    names = args.contenders or (["dense", "compile", "saelens", "triton", "cuda", "cpu"])
+    shapes = [Shape(d, s, tokens, l0, dt) for dt in dtypes for d in d_ins for l0 in l0s for s in d_saes]
+    rec = run(shapes, args.ops or list(OPS), names, device, reps=reps, warmup=warmup, quick=args.quick,
+              log=lambda m: print(m, file=sys.stderr, flush=True))
+    os.makedirs(args.out, exist_ok=True)
+    prefix = os.path.join(args.out, args.name or f"bench_{device.type}{'_quick' if args.quick else ''}")
+    with open(prefix + ".json", "w") as f:
+        json.dump(rec, f, indent=2)
+    text = markdown(rec)
+    with open(prefix + ".md", "w") as f:
+        f.write(text)
+    pngs = [] if args.no_plots else plots(rec, prefix)
+    print(text)
+    print("wrote", prefix + ".json", prefix + ".md", *pngs)
+    return 0 if all(r["correct"] for r in rec["results"]) else 1
