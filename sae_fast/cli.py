@@ -16,6 +16,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("info", help="print versions, devices and which backends are available (and why not)")
     _add_train(sub)
     _add_bench(sub)
+    pl = sub.add_parser("plan", help="memory model of one training step: bytes per part, and whether it fits a GPU",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    pl.add_argument("--d-in", type=int, required=True, help="input width")
+    pl.add_argument("--d-sae", type=int, required=True, help="dictionary width")
+    pl.add_argument("--batch", type=int, default=4096, help="tokens per step")
+    pl.add_argument("--l0", type=int, default=64, help="expected active features per token")
+    pl.add_argument("--band", type=int, default=64, help="expected features per token inside the straight-through band")
+    pl.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="bfloat16", help="weight dtype")
+    pl.add_argument("--optimizer", choices=("sparse-adam", "adam"), default="sparse-adam",
+                    help="sparse-adam: row-sparse Adam(beta1=0) with gradients for touched rows only")
+    pl.add_argument("--adam-beta1", type=float, default=0.0, help="Adam beta1 (0 keeps one moment)")
+    pl.add_argument("--gpu-mem-gib", type=float, default=80.0, help="GPU memory to fit in (GiB)")
     return p
 
 
@@ -97,6 +109,8 @@ def _add_train(sub) -> None:
     g.add_argument("--adam-beta1", type=float, default=d.adam_beta1, help="Adam beta1 (Gemma Scope: 0)")
     g.add_argument("--adam-beta2", type=float, default=d.adam_beta2, help="Adam beta2")
     g.add_argument("--grad-clip", type=float, default=d.grad_clip, help="gradient norm clip (0: off)")
+    g.add_argument("--optimizer", choices=("adam", "sparse-adam"), default=d.optimizer,
+                   help="sparse-adam: exact Adam(beta1=0) that updates only touched rows, decaying the rest lazily")
     g.add_argument("--no-decoder-norm", action="store_true", help="do not keep decoder rows at unit norm")
     g.add_argument("--apply-b-dec-to-input", action="store_true", help="subtract b_dec from the input (SAELens option)")
     g.add_argument("--target-l0", type=float, default=None, help="report L0 against this target")
@@ -132,7 +146,7 @@ def train_config_from_args(args):
         data=args.data or [EMBEDDED_TEXT], dataset=args.dataset, dataset_split=args.dataset_split,
         text_column=args.text_column, model_batch_size=args.model_batch_size, model_dtype=args.model_dtype,
         lr_decay_frac=args.lr_decay_frac, adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2,
-        grad_clip=args.grad_clip, decoder_unit_norm=not args.no_decoder_norm,
+        grad_clip=args.grad_clip, optimizer=args.optimizer, decoder_unit_norm=not args.no_decoder_norm,
         apply_b_dec_to_input=args.apply_b_dec_to_input, target_l0=args.target_l0, dtype=args.dtype,
         backend=args.backend, out=args.out, device=args.device, seed=args.seed,
         checkpoint_every=args.checkpoint_every, wandb_project=args.wandb_project, progress=not args.no_progress, **kw,
@@ -150,6 +164,17 @@ def main(argv: list[str] | None = None) -> int:
 
         info()
         return 0
+    if args.command == "plan":
+        from .plan import plan, render
+
+        try:
+            d = plan(args.d_in, args.d_sae, args.batch, l0=args.l0, band=args.band, dtype=args.dtype,
+                     optimizer=args.optimizer, adam_beta1=args.adam_beta1)
+        except ValueError as e:
+            parser.error(str(e))
+        text, fits = render(d, args.gpu_mem_gib)
+        print(text)
+        return 0 if fits else 1
     if args.command == "bench":
         from .bench import main as bench_main
 

@@ -201,11 +201,32 @@ def test_cli_arguments_and_errors(capsys, tmp_path):
         assert flag in help_text
 
 
-@pytest.mark.parametrize("command", ["train", "bench"])
+@pytest.mark.parametrize("command", ["train", "bench", "plan"])
 def test_readme_documents_every_flag(command):
     readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
     parser = build_parser()._subparsers._group_actions[0].choices[command]
     flags = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
-    assert len(flags) > 10
+    assert len(flags) >= 8
     missing = [f for f in flags if f not in readme]
     assert not missing, f"README.md does not document {missing} of sae-fast {command}"
+
+
+def test_sparse_adam_trainer_matches_adam_and_resumes_exactly(tmp_path):
+    # a sparse regime (recipe threshold init is low; raise it) so most rows sit steps out
+    kw = dict(tokens=64 * 16, threshold_init=0.5, l0_coefficient=0.01)
+    dense = _run_steps(small_cfg(tmp_path, **kw), 8)
+    sparse = _run_steps(small_cfg(tmp_path, optimizer="sparse-adam", **kw), 8)
+    assert (sparse.opt.state[sparse.sae.W_dec]["last"] < sparse.opt.t).any()  # lazy rows existed
+    for (n, a), b in zip(dense.sae.named_parameters(), sparse.sae.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=n)
+    torch.testing.assert_close(sparse.sae.W_dec.norm(dim=1), torch.ones(64))
+    cfg = small_cfg(tmp_path, optimizer="sparse-adam", **kw)
+    straight = _run_steps(cfg, 16)
+    ck = sparse.save_checkpoint(str(tmp_path / "ck"))
+    resumed = Trainer(cfg, _synthetic(), 24, device=torch.device("cpu"))
+    resumed.load_checkpoint(ck)
+    _run_steps(cfg, 16, resumed)
+    for (n, a), b in zip(straight.sae.named_parameters(), resumed.sae.parameters()):
+        assert torch.equal(a, b), n
+    with pytest.raises(ValueError, match="sparse-adam is Adam with beta1 = 0"):
+        small_cfg(tmp_path, optimizer="sparse-adam", adam_beta1=0.9).validate()

@@ -86,7 +86,13 @@ class Trainer:
         self.sae = JumpReLUSAE(d_in, cfg.d_sae, dtype=_DTYPES[cfg.dtype], device=self.device, backend=cfg.backend,
                                apply_b_dec_to_input=cfg.apply_b_dec_to_input)
         self.sae.reset_parameters(threshold_init=cfg.threshold_init)
-        self.opt = torch.optim.Adam(self.sae.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+        if cfg.optimizer == "sparse-adam":
+            from ..optim import SparseAdamB1Zero
+
+            self.opt = SparseAdamB1Zero.for_sae(self.sae, lr=cfg.lr, beta2=cfg.adam_beta2, eps=cfg.adam_eps)
+        else:
+            self.opt = torch.optim.Adam(self.sae.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                        eps=cfg.adam_eps)
         self.buffer = ActivationBuffer(source, cfg.buffer_tokens, cfg.batch_size, self.device, cfg.seed)
         self.step = 0
         self.scale: float | None = None
@@ -113,11 +119,18 @@ class Trainer:
         out = sae.training_forward(x, l0_coefficient=lam, bandwidth=cfg.bandwidth)
         self.opt.zero_grad(set_to_none=True)
         out.loss.backward()
+        rows = None
         with torch.no_grad():
             if cfg.decoder_unit_norm and sae.W_dec.grad is not None:
-                # remove the gradient component parallel to each (unit-norm) decoder row
+                # remove the gradient component parallel to each (unit-norm) decoder row;
+                # with the row-sparse optimizer only the rows this step touched change
                 W, G = sae.W_dec, sae.W_dec.grad
-                G -= (G * W).sum(-1, keepdim=True) * W
+                if cfg.optimizer == "sparse-adam":
+                    rows = (G != 0).any(1).nonzero().squeeze(1)
+                    Gr, Wr = G[rows], W[rows]
+                    G[rows] = Gr - (Gr * Wr).sum(-1, keepdim=True) * Wr
+                else:
+                    G -= (G * W).sum(-1, keepdim=True) * W
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
             lr = lr_at(self.step, cfg)
@@ -125,7 +138,10 @@ class Trainer:
                 g["lr"] = lr
         self.opt.step()
         with torch.no_grad():
-            if cfg.decoder_unit_norm:
+            if cfg.decoder_unit_norm and rows is not None:
+                Wr = sae.W_dec[rows]
+                sae.W_dec[rows] = Wr / Wr.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            elif cfg.decoder_unit_norm:
                 sae.W_dec /= sae.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12)
             self.last_fired[out.fired] = self.step
             xf = x.float()
