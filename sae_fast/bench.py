@@ -347,15 +347,24 @@ def run(shapes: list[Shape], ops: list[str], names: list[str], device: torch.dev
         skipped += [{"shape": str(s), "contender": n, "reason": r} for n, r in sk]
         base = cs[0]
         for op in ops:
-            with torch.no_grad():
-                ref_out = base.fns[op](_input(op, wl, base, 0)) if op != "train_step" else None
+            if op == "train_step":
+                with torch.enable_grad():  # the first step's loss, from the shared starting parameters
+                    ref_out = base.fns[op](_input(op, wl, base, 0)).detach()
+            else:
+                with torch.no_grad():
+                    ref_out = base.fns[op](_input(op, wl, base, 0))
             flops, nbytes = op_model(op, s)
             r = roof[s.dtype]
             floor_s = max(flops / (r["matmul_tflops"] * 1e12), nbytes / (r["copy_gbps"] * 1e9))
             for c in cs:
                 inputs = [_input(op, wl, c, i) for i in range(len(wl.xs))]
                 if op == "train_step":
-                    ok = True  # every backend's loss and gradients are tested against the reference in tests/
+                    if c is base:
+                        ok = True
+                    else:  # same starting parameters and input: the first step's loss must agree
+                        with torch.enable_grad():
+                            loss = float(c.fns[op](inputs[0]))
+                        ok = abs(loss - float(ref_out)) <= 16 * torch.finfo(DTYPES[s.dtype]).eps * max(abs(float(ref_out)), 1e-6)
                 else:
                     with torch.no_grad():
                         ok = _close(c.fns[op](inputs[0]), ref_out, DTYPES[s.dtype])

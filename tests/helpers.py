@@ -39,7 +39,7 @@ def assert_close_as_dense(out, ref64, dense_same_dtype, factor=2.0, what="output
     assert out.shape == ref64.shape, (out.shape, ref64.shape)
     assert not torch.isnan(out).any() or torch.isnan(ref64).any(), f"{what}: NaN where the truth has none"
     e_out, e_dense = err_vs(out, ref64), err_vs(dense_same_dtype, ref64)
-    scale = float(ref64.abs().max()) if ref64.numel() else 0.0
+    scale = float(ref64.detach().abs().max()) if ref64.numel() else 0.0
     floor = torch.finfo(ulp_dtype or out.dtype).eps * max(scale, 1e-6)
     assert e_out <= factor * e_dense + floor, f"{what}: max error {e_out:.3g} vs dense path {e_dense:.3g} (floor {floor:.3g})"
 

@@ -230,3 +230,19 @@ def test_sparse_adam_trainer_matches_adam_and_resumes_exactly(tmp_path):
         assert torch.equal(a, b), n
     with pytest.raises(ValueError, match="sparse-adam is Adam with beta1 = 0"):
         small_cfg(tmp_path, optimizer="sparse-adam", adam_beta1=0.9).validate()
+
+
+def test_saved_dataset_and_directory_sources(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_dict({"text": ["first document here", "second one"], "id": [1, 2]}).save_to_disk(str(tmp_path / "ds"))
+    assert list(iter_documents([str(tmp_path / "ds")], None, "train", "text")) == ["first document here", "second one"]
+    with pytest.raises(ValueError, match="has no column 'body'"):
+        list(iter_documents([str(tmp_path / "ds")], None, "train", "body"))
+    (tmp_path / "d" / "sub").mkdir(parents=True)
+    (tmp_path / "d" / "b.txt").write_text("bee")
+    (tmp_path / "d" / "sub" / "a.md").write_text("ay")
+    (tmp_path / "d" / "skip.bin").write_text("no")
+    assert list(iter_documents([str(tmp_path / "d")], None, "train", "text")) == ["bee", "ay"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no .txt/.md/.text files"):
+        list(iter_documents([str(tmp_path / "empty")], None, "train", "text"))
