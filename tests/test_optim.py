@@ -28,12 +28,14 @@ def _grads(step, gen, touch=0.3, idle_rows=(3, 5)):
     return [g0, g1, g2, g3]
 
 
+def _ours(params, lr=1e-2, b2=0.99):
+    return SparseAdamB1Zero([{"params": [p], "sparse_dim": d} for p, d in zip(params, SPARSE_DIMS)], lr=lr, beta2=b2)
+
+
 def _pair(lr=1e-2, b2=0.99):
     a = [p.clone().requires_grad_() for p in _params()]
     b = [p.clone().requires_grad_() for p in _params()]
-    ours = SparseAdamB1Zero([{"params": [p], "sparse_dim": d} for p, d in zip(a, SPARSE_DIMS)], lr=lr, beta2=b2)
-    ref = torch.optim.Adam(b, lr=lr, betas=(0.0, b2))
-    return a, b, ours, ref
+    return a, b, _ours(a, lr, b2), torch.optim.Adam(b, lr=lr, betas=(0.0, b2))
 
 
 def _feed(params, grads):
@@ -41,13 +43,20 @@ def _feed(params, grads):
         p.grad = g.clone()
 
 
+def _advance(steps, gen, *pairs):
+    """Feed the same gradients of `steps` to every (params, optimizer) pair and step them."""
+    for step in steps:
+        grads = _grads(step, gen)
+        for params, opt in pairs:
+            _feed(params, grads)
+            opt.step()
+
+
 def test_matches_torch_adam_to_rounding():
     a, b, ours, ref = _pair()
     gen = torch.Generator().manual_seed(1)
     for step in range(25):
-        grads = _grads(step, gen)
-        _feed(a, grads), _feed(b, grads)
-        ours.step(), ref.step()
+        _advance([step], gen, (a, ours), (b, ref))
         for x, y in zip(a, b):
             torch.testing.assert_close(x, y, rtol=2e-6, atol=2e-7)
     ours.flush()
@@ -76,18 +85,14 @@ def test_untouched_rows_do_not_move_and_decay_lazily():
 def test_state_round_trip_continues_exactly_and_hands_over_to_torch_adam():
     a, b, ours, ref = _pair()
     gen = torch.Generator().manual_seed(3)
-    for step in range(6):
-        g = _grads(step, gen)
-        _feed(a, g), _feed(b, g)
-        ours.step(), ref.step()
+    _advance(range(6), gen, (a, ours), (b, ref))
     # lazy state saved as is: a resumed optimizer continues bit for bit
     a2 = [p.detach().clone().requires_grad_() for p in a]
-    again = SparseAdamB1Zero([{"params": [p], "sparse_dim": d} for p, d in zip(a2, SPARSE_DIMS)], lr=1e-2, beta2=0.99)
+    again = _ours(a2)
     again.load_state_dict(ours.state_dict())
     assert again.t == ours.t
     # flushed state loads into torch.optim.Adam, which then continues like the reference
-    ours_flushed = SparseAdamB1Zero([{"params": [p], "sparse_dim": d} for p, d in zip(
-        [p.detach().clone().requires_grad_() for p in a], SPARSE_DIMS)], lr=1e-2, beta2=0.99)
+    ours_flushed = _ours([p.detach().clone().requires_grad_() for p in a])
     ours_flushed.load_state_dict(ours.state_dict())
     ours_flushed.flush()
     handed = [p.detach().clone().requires_grad_() for p in a]
@@ -96,9 +101,7 @@ def test_state_round_trip_continues_exactly_and_hands_over_to_torch_adam():
         torch_opt.state[h] = {"step": torch.tensor(float(ours_flushed.t)), "exp_avg": torch.zeros_like(h),
                               "exp_avg_sq": ours_flushed.state[src]["v"].clone()}
     for step in range(6, 14):
-        g = _grads(step, gen)
-        _feed(a, g), _feed(a2, g), _feed(b, g), _feed(handed, g)
-        ours.step(), again.step(), ref.step(), torch_opt.step()
+        _advance([step], gen, (a, ours), (a2, again), (b, ref), (handed, torch_opt))
         for x, y in zip(a, a2):
             assert torch.equal(x, y)
         for x, y, z in zip(a, b, handed):
