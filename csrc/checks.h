@@ -111,7 +111,7 @@ inline at::ScalarType check_scatter_rows_args(const at::Tensor& coef, const at::
   check_same(coef, "coef", grad, "grad", op);
   TORCH_CHECK(coef.sizes() == indices.sizes(), op, ": coef must have the shape of indices ", indices.sizes(),
               ", got ", coef.sizes());
-  TORCH_CHECK(d_sae > 0, op, ": d_sae must be positive, got ", d_sae);
+  TORCH_CHECK(d_sae >= 0, op, ": d_sae must be non-negative, got ", d_sae);  // 0: a compact step that touched no row
   TORCH_CHECK(grad.dim() == 2 && grad.size(0) == indices.size(0), op, ": grad must be [n_tokens=", indices.size(0),
               ", D], got ", grad.sizes());
   check_ranges(indices, counts, d_sae, op);

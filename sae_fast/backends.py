@@ -7,6 +7,7 @@ A backend is an object with four methods over flattened tokens:
     decode(acts: SparseActs, W_dec, b_dec) -> [N, d_in]
     loss(x, W_enc, b_enc, threshold, W_dec, b_dec, l0_coefficient, bandwidth, apply_b_dec_to_input)
         -> TrainingOutput
+    row_grads(same arguments) -> (TrainingOutput, RowGrads)   the lean step (sparse_train.py)
 
 Backends register themselves at import (`register`); `resolve` picks one.
 "auto" prefers, on CUDA tensors: triton, cuda, torch; on CPU tensors: cpu,
@@ -125,6 +126,15 @@ class TorchBackend:
         return reference.jumprelu_sae_loss(
             x, W_enc, b_enc, threshold, W_dec, b_dec,
             l0_coefficient=l0_coefficient, bandwidth=bandwidth, apply_b_dec_to_input=apply_b_dec_to_input,
+        )
+
+    def row_grads(self, x, W_enc, b_enc, threshold, W_dec, b_dec, l0_coefficient, bandwidth, apply_b_dec_to_input):
+        # The sparse step in plain torch ops: chunked dense-GEMM encoder, reference primitives.
+        from .sparse_train import REFERENCE_PRIMS, chunked_pre_encoder, sparse_jumprelu_sae_row_grads
+
+        return sparse_jumprelu_sae_row_grads(
+            x, W_enc, b_enc, threshold, W_dec, b_dec, l0_coefficient=l0_coefficient, bandwidth=bandwidth,
+            apply_b_dec_to_input=apply_b_dec_to_input, encoder=chunked_pre_encoder, prims=REFERENCE_PRIMS,
         )
 
 

@@ -17,7 +17,7 @@ import torch
 
 from . import backends, reference
 from .sparse import SparseActs
-from .sparse_train import Prims, dense_pre_encoder, sparse_jumprelu_sae_loss
+from .sparse_train import Prims, chunked_pre_encoder, sparse_jumprelu_sae_loss, sparse_jumprelu_sae_row_grads
 
 _OPS_READY = False
 
@@ -118,7 +118,10 @@ class CppBackend:
         return reference.jumprelu_encode(x, W_enc, b_enc, threshold, b_dec, apply_b_dec_to_input)
 
     def encode_sparse(self, x, W_enc, b_enc, threshold, b_dec, apply_b_dec_to_input, capacity):
-        return reference.jumprelu_encode_sparse(x, W_enc, b_enc, threshold, b_dec, apply_b_dec_to_input, capacity)
+        if apply_b_dec_to_input:
+            x = x - b_dec
+        sets = chunked_pre_encoder(x, W_enc, b_enc, threshold, 0.0, band=False)
+        return SparseActs(sets.a_idx, sets.a_val, sets.a_cnt, W_enc.shape[1])
 
     def decode(self, acts: SparseActs, W_dec, b_dec):
         return self.prims.decode(acts.indices, acts.values, acts.counts, W_dec, b_dec)
@@ -126,7 +129,13 @@ class CppBackend:
     def loss(self, x, W_enc, b_enc, threshold, W_dec, b_dec, l0_coefficient, bandwidth, apply_b_dec_to_input):
         return sparse_jumprelu_sae_loss(
             x, W_enc, b_enc, threshold, W_dec, b_dec, l0_coefficient=l0_coefficient, bandwidth=bandwidth,
-            apply_b_dec_to_input=apply_b_dec_to_input, encoder=dense_pre_encoder, prims=self.prims,
+            apply_b_dec_to_input=apply_b_dec_to_input, encoder=chunked_pre_encoder, prims=self.prims,
+        )
+
+    def row_grads(self, x, W_enc, b_enc, threshold, W_dec, b_dec, l0_coefficient, bandwidth, apply_b_dec_to_input):
+        return sparse_jumprelu_sae_row_grads(
+            x, W_enc, b_enc, threshold, W_dec, b_dec, l0_coefficient=l0_coefficient, bandwidth=bandwidth,
+            apply_b_dec_to_input=apply_b_dec_to_input, encoder=chunked_pre_encoder, prims=self.prims,
         )
 
 

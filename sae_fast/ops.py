@@ -1,7 +1,7 @@
 """Public functional ops: validate once, flatten tokens, dispatch to a backend.
 
 Same names as DESIGN.md's naming ladder: jumprelu_encode, jumprelu_encode_sparse,
-sparse_decode, jumprelu_sae_loss. Each takes backend="auto" (see backends.py).
+sparse_decode, jumprelu_sae_loss, jumprelu_sae_row_grads. Each takes backend="auto" (see backends.py).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from ._checks import (
 )
 from .outputs import TrainingOutput
 from .sparse import SparseActs
+from .sparse_train import RowGrads
 
 
 def _check_encode_args(x, W_enc, b_enc, threshold, b_dec, apply_b_dec_to_input):
@@ -92,6 +93,19 @@ def sparse_decode(
     return impl.decode(acts, W_dec, b_dec).reshape(*acts.batch_shape, d_in)
 
 
+def _check_loss_args(x, W_enc, b_enc, threshold, W_dec, b_dec, l0_coefficient, bandwidth, apply_b_dec_to_input):
+    d_in, d_sae = _check_encode_args(x, W_enc, b_enc, threshold, b_dec, apply_b_dec_to_input)
+    d_sae2, d_in2 = check_decoder_params(W_dec, b_dec)
+    if (d_sae2, d_in2) != (d_sae, d_in):
+        raise ValueError(f"W_dec must have shape [d_sae, d_in]=[{d_sae}, {d_in}], got {list(W_dec.shape)}")
+    check_same_device(x=x, W_dec=W_dec)
+    bw = check_bandwidth(bandwidth)
+    l0c = float(l0_coefficient)
+    if not l0c >= 0:
+        raise ValueError(f"l0_coefficient must be a non-negative number, got {l0_coefficient!r}")
+    return d_in, l0c, bw
+
+
 def jumprelu_sae_loss(
     x: torch.Tensor,
     W_enc: torch.Tensor,
@@ -106,16 +120,33 @@ def jumprelu_sae_loss(
     backend: str = "auto",
 ) -> TrainingOutput:
     """JumpReLU training loss with straight-through gradients (see reference.jumprelu_sae_loss)."""
-    d_in, d_sae = _check_encode_args(x, W_enc, b_enc, threshold, b_dec, apply_b_dec_to_input)
-    d_sae2, d_in2 = check_decoder_params(W_dec, b_dec)
-    if (d_sae2, d_in2) != (d_sae, d_in):
-        raise ValueError(f"W_dec must have shape [d_sae, d_in]=[{d_sae}, {d_in}], got {list(W_dec.shape)}")
-    check_same_device(x=x, W_dec=W_dec)
-    bw = check_bandwidth(bandwidth)
-    l0c = float(l0_coefficient)
-    if not l0c >= 0:
-        raise ValueError(f"l0_coefficient must be a non-negative number, got {l0_coefficient!r}")
+    d_in, l0c, bw = _check_loss_args(x, W_enc, b_enc, threshold, W_dec, b_dec, l0_coefficient, bandwidth,
+                                     apply_b_dec_to_input)
     impl = backends.get(backends.resolve(backend, x.device))
     out = impl.loss(x.reshape(-1, d_in), W_enc, b_enc, threshold, W_dec, b_dec, l0c, bw, apply_b_dec_to_input)
     out.reconstruction = out.reconstruction.reshape(x.shape)
     return out
+
+
+def jumprelu_sae_row_grads(
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    threshold: torch.Tensor,
+    W_dec: torch.Tensor,
+    b_dec: torch.Tensor,
+    *,
+    l0_coefficient: float,
+    bandwidth: float,
+    apply_b_dec_to_input: bool = False,
+    backend: str = "auto",
+) -> tuple[TrainingOutput, RowGrads]:
+    """The lean training step: jumprelu_sae_loss's outputs (no autograd graph) and its
+    gradients on the touched features only (sparse_train.RowGrads)."""
+    d_in, l0c, bw = _check_loss_args(x, W_enc, b_enc, threshold, W_dec, b_dec, l0_coefficient, bandwidth,
+                                     apply_b_dec_to_input)
+    impl = backends.get(backends.resolve(backend, x.device))
+    out, grads = impl.row_grads(x.reshape(-1, d_in), W_enc, b_enc, threshold, W_dec, b_dec, l0c, bw,
+                                apply_b_dec_to_input)
+    out.reconstruction = out.reconstruction.reshape(x.shape)
+    return out, grads

@@ -10,77 +10,141 @@ O(rows touched x row length) memory instead of the whole matrix.
 
 "Rows" are slices along a parameter's `sparse_dim` (param group option):
 0 for W_dec [d_sae, d_in], 1 for W_enc [d_in, d_sae], 0 for b_enc and
-threshold [d_sae]; None for a dense update (b_dec). A slice is touched when
-any of its gradient entries is nonzero.
+threshold [d_sae]; None for a dense update (b_dec). Gradients come either as
+ordinary `.grad` tensors (`step()`: a slice is touched when any entry is
+nonzero) or compact, for the touched rows only (`step_rows()`, fed by
+JumpReLUSAE.training_row_grads: no full-size gradient ever exists).
+
+Every update runs through one op, adam_b1zero_rows_: the fused Triton kernel on
+CUDA tensors (one pass over each touched row: lazy decay, moment, update, and
+the unit-norm renormalisation of param groups with `renorm_rows=True`), the
+pure-PyTorch reference (sae_fast.reference.adam_b1zero_rows_) elsewhere.
+State: v (float32, the parameter's shape) and last (int64 per row: the step v
+is up to date with). A step in which a parameter has no gradient counts as a
+zero-gradient step for it (its v decays), for dense parameters too.
 """
 
 from __future__ import annotations
 
 import torch
 
+from . import reference
+from .sparse_train import RowGrads
+
+_SAE_NAMES = ("W_enc", "b_enc", "threshold", "W_dec", "b_dec")
+
+
+def _fused_available(t: torch.Tensor) -> bool:
+    if t.device.type != "cuda":
+        return False
+    try:
+        from . import triton_ops  # noqa: F401
+    except Exception:  # pragma: no cover - depends on the install
+        return False
+    return True
+
 
 class SparseAdamB1Zero(torch.optim.Optimizer):
-    def __init__(self, params, lr: float = 7e-5, beta2: float = 0.999, eps: float = 1e-8, sparse_dim: int | None = 0):
+    """fused: "auto" (Triton kernel on CUDA tensors when Triton is installed, else the
+    reference), True (always the Triton op; on CPU tensors only under TRITON_INTERPRET=1),
+    or False (always the reference)."""
+
+    def __init__(self, params, lr: float = 7e-5, beta2: float = 0.999, eps: float = 1e-8,
+                 sparse_dim: int | None = 0, renorm_rows: bool = False, fused: bool | str = "auto"):
         if not lr > 0:
             raise ValueError(f"lr must be positive, got {lr!r}")
         if not 0 <= beta2 < 1:
             raise ValueError(f"beta2 must be in [0, 1), got {beta2!r}")
-        super().__init__(params, dict(lr=lr, beta2=beta2, eps=eps, sparse_dim=sparse_dim))
+        if not eps >= 0:
+            raise ValueError(f"eps must be non-negative, got {eps!r}")
+        if fused not in ("auto", True, False):
+            raise ValueError(f"fused must be 'auto', True or False, got {fused!r}")
+        super().__init__(params, dict(lr=lr, beta2=beta2, eps=eps, sparse_dim=sparse_dim, renorm_rows=renorm_rows))
+        for g in self.param_groups:
+            if g["renorm_rows"] and g["sparse_dim"] is None:
+                raise ValueError("renorm_rows needs a sparse_dim (the rows to renormalise)")
+        self.fused = fused
         self.t = 0  # global step count
+        self.sae_params: dict[str, torch.nn.Parameter] = {}
 
     @classmethod
-    def for_sae(cls, sae, **kw) -> "SparseAdamB1Zero":
-        """Param groups of a JumpReLUSAE with the right sparse dimension for each parameter."""
-        return cls([
-            {"params": [sae.W_dec, sae.b_enc, sae.threshold], "sparse_dim": 0},
+    def for_sae(cls, sae, *, decoder_unit_norm: bool = False, **kw) -> "SparseAdamB1Zero":
+        """Param groups of a JumpReLUSAE with the right sparse dimension for each parameter.
+        decoder_unit_norm: renormalise the W_dec rows a step changes to unit norm, inside
+        the optimizer step (the parallel-gradient removal stays with the caller, before
+        any clipping: see remove_parallel_component)."""
+        opt = cls([
+            {"params": [sae.W_dec], "sparse_dim": 0, "renorm_rows": bool(decoder_unit_norm)},
+            {"params": [sae.b_enc, sae.threshold], "sparse_dim": 0},
             {"params": [sae.W_enc], "sparse_dim": 1},
             {"params": [sae.b_dec], "sparse_dim": None},
         ], **kw)
+        opt.sae_params = {n: getattr(sae, n) for n in _SAE_NAMES}
+        return opt
 
     def _state(self, p, sd):
         st = self.state[p]
         if not st:
-            st["v"] = torch.zeros_like(p, dtype=torch.float32)
+            st["v"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
             n = p.shape[sd] if sd is not None and p.dim() > 0 else 1
-            st["last"] = torch.zeros(n, dtype=torch.int64, device=p.device)  # step v is up to date with
+            st["last"] = torch.zeros(n, dtype=torch.int64, device=p.device)
         return st
+
+    def _update(self, group, p, rows, grad):
+        st = self._state(p, group["sparse_dim"])
+        use_fused = self.fused is True or (self.fused == "auto" and _fused_available(p))
+        kw = dict(step=self.t, lr=group["lr"], beta2=group["beta2"], eps=group["eps"], sparse_dim=group["sparse_dim"],
+                  renorm=group["renorm_rows"])
+        if use_fused and p.is_contiguous():
+            from . import triton_ops  # noqa: F401  (registers the op)
+
+            torch.ops.sae_fast_triton.adam_b1zero_rows_(p, st["v"], st["last"], rows, grad, kw["step"], kw["lr"],
+                                                        kw["beta2"], kw["eps"], kw["sparse_dim"], kw["renorm"])
+        else:
+            reference.adam_b1zero_rows_(p, st["v"], st["last"], rows, grad, **kw)
+
+    def _group_of(self, p):
+        for g in self.param_groups:
+            if any(q is p for q in g["params"]):
+                return g
+        raise ValueError("step_rows: a parameter that is not in this optimizer's param groups")
 
     @torch.no_grad()
     def step(self, closure=None):
+        """Dense gradients in .grad; only the slices with a nonzero entry are updated."""
         loss = closure() if closure is not None else None
         self.t += 1
-        t = self.t
         for group in self.param_groups:
-            lr, b2, eps, sd = group["lr"], group["beta2"], group["eps"], group["sparse_dim"]
-            bc2_sqrt = (1 - b2**t) ** 0.5
+            sd = group["sparse_dim"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                st = self._state(p, sd)
                 g = p.grad
-                if sd is None or p.dim() == 0:
-                    v = st["v"]
-                    v.mul_(b2).addcmul_(g.float(), g.float(), value=1 - b2)
-                    st["last"].fill_(t)
-                    p.sub_((lr * (g.float() / (v.sqrt() / bc2_sqrt + eps))).to(p.dtype))
+                if sd is None:
+                    self._update(group, p, None, g.reshape(1, -1))
                     continue
-                other = [d for d in range(g.dim()) if d != sd]
-                touched = (g != 0).any(dim=other) if other else (g != 0)
-                rows = touched.nonzero().squeeze(1)
-                if rows.numel() == 0:
-                    continue
-                gr = g.index_select(sd, rows).float()
-                vr = st["v"].index_select(sd, rows)
-                # the decays of the steps this row sat out, then this step's update
-                missed = (t - 1 - st["last"][rows]).to(torch.float64)
-                shape = [-1 if d == sd else 1 for d in range(g.dim())]
-                vr = vr * torch.pow(torch.tensor(b2, dtype=torch.float64, device=p.device), missed).to(torch.float32).reshape(shape)
-                vr = vr * b2 + (1 - b2) * gr * gr
-                st["v"].index_copy_(sd, rows, vr)
-                st["last"][rows] = t
-                pr = p.index_select(sd, rows).float() - lr * (gr / (vr.sqrt() / bc2_sqrt + eps))
-                p.index_copy_(sd, rows, pr.to(p.dtype))
+                G = reference.row_view(g, sd)
+                rows = (G != 0).any(dim=1).nonzero().squeeze(1)
+                self._update(group, p, rows, G.index_select(0, rows))
         return loss
+
+    @torch.no_grad()
+    def step_rows(self, grads):
+        """Compact gradients: a RowGrads (optimizer built by for_sae), or a dict
+        {param: (rows int64 [n] or None, grad [n, row length] or the full grad when rows is None)}.
+        Parameters not named get no update this step (their v decays lazily)."""
+        if isinstance(grads, RowGrads):
+            if not self.sae_params:
+                raise ValueError("step_rows(RowGrads) needs an optimizer made by SparseAdamB1Zero.for_sae(sae)")
+            grads = {self.sae_params[n]: (None if n == "b_dec" else grads.rows, getattr(grads, n)) for n in _SAE_NAMES}
+        self.t += 1
+        for p, (rows, g) in grads.items():
+            group = self._group_of(p)
+            if (rows is None) != (group["sparse_dim"] is None):
+                raise ValueError("step_rows: rows must be given exactly for parameters with a sparse_dim")
+            if rows is not None and (rows.dtype != torch.int64 or rows.dim() != 1):
+                raise TypeError(f"step_rows: rows must be a 1-D int64 tensor, got {rows.dtype} {list(rows.shape)}")
+            self._update(group, p, rows, g)
 
     @torch.no_grad()
     def flush(self) -> None:
@@ -92,12 +156,8 @@ class SparseAdamB1Zero(torch.optim.Optimizer):
                 if not st:
                     continue
                 missed = (self.t - st["last"]).to(torch.float64)
-                if sd is None or p.dim() == 0:
-                    st["v"].mul_(float(b2 ** float(missed.max())))
-                else:
-                    shape = [-1 if d == sd else 1 for d in range(p.dim())]
-                    st["v"].mul_(torch.pow(torch.tensor(b2, dtype=torch.float64, device=p.device), missed)
-                                 .to(torch.float32).reshape(shape))
+                decay = torch.pow(torch.tensor(b2, dtype=torch.float64, device=p.device), missed).to(torch.float32)
+                reference.row_view(st["v"], sd).mul_(decay[:, None])
                 st["last"].fill_(self.t)
 
     def state_dict(self):
@@ -122,3 +182,13 @@ class SparseAdamB1Zero(torch.optim.Optimizer):
         st = self.state[p]
         return {"step": torch.tensor(float(self.t)), "exp_avg": p.grad.detach().clone() if p.grad is not None
                 else torch.zeros_like(p), "exp_avg_sq": st["v"].to(p.dtype).clone()}
+
+
+@torch.no_grad()
+def remove_parallel_component(W_dec: torch.Tensor, rows: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    """G - (G·w) w for each touched (unit-norm) decoder row w = W_dec[rows]: the part of the
+    gradient that would change the row's norm is removed. G is the compact [n, d_in]
+    gradient of those rows; returns a new tensor in G's dtype."""
+    W = W_dec[rows].float()
+    G32 = G.float()
+    return (G32 - (G32 * W).sum(-1, keepdim=True) * W).to(G.dtype)

@@ -222,6 +222,8 @@ def sparse_scatter_rows(
 ) -> torch.Tensor:
     """G[j] = sum over (b, k) with indices[b, k] == j of coef[b, k] * grad[b]; float32 accumulation."""
     acc = torch.promote_types(grad.dtype, torch.float32)
+    if d_sae == 0:  # a compact step that touched no feature (padding slots name index 0)
+        return torch.zeros(0, grad.shape[1], dtype=grad.dtype, device=grad.device)
     c = coef.to(acc) * valid_slots(indices, counts)
     contrib = c[:, :, None] * grad.to(acc)[:, None, :]
     out = torch.zeros(d_sae, grad.shape[1], dtype=acc, device=grad.device)
@@ -249,3 +251,59 @@ def sparse_decode_raw(
     if bias is not None:
         out = out + bias.to(acc)
     return out.to(out_dtype or W.dtype)
+
+
+# ---------------------------------------------------------------- optimizer
+def row_view(t: torch.Tensor, sparse_dim: int | None) -> torch.Tensor:
+    """t as [rows, row length]: slices along sparse_dim become rows (a view, never a copy).
+    sparse_dim None: the whole tensor is one row."""
+    if sparse_dim is None:
+        return t.view(1, -1)
+    if t.dim() == 1:
+        return t.view(-1, 1)
+    if t.dim() != 2 or sparse_dim not in (0, 1):
+        raise ValueError(f"sparse_dim must be None, or 0/1 of a 1-D or 2-D tensor; got {sparse_dim} for shape {list(t.shape)}")
+    return t if sparse_dim == 0 else t.t()
+
+
+def adam_b1zero_rows_(
+    param: torch.Tensor,
+    v: torch.Tensor,
+    last: torch.Tensor,
+    rows: torch.Tensor | None,
+    grad: torch.Tensor,
+    *,
+    step: int,
+    lr: float,
+    beta2: float,
+    eps: float,
+    sparse_dim: int | None,
+    renorm: bool = False,
+) -> None:
+    """Adam with beta1 = 0 on the rows `rows` of param (slices along sparse_dim), in place.
+
+    grad [n, row length] holds those rows' gradients (float32 or param's dtype);
+    v (float32, param's shape) is the second moment and last[j] the step row j's v is
+    up to date with. A row that sat out k steps had zero gradient then: its v
+    decays by beta2^k first, exactly as dense Adam would have done step by step.
+    Then v <- beta2 v + (1 - beta2) g², p <- p - lr g / (sqrt(v / (1 - beta2^step)) + eps),
+    and with renorm p's row is scaled to unit L2 norm before its one rounding to
+    param's dtype (the decoder constraint, on the changed rows only).
+    rows None (with sparse_dim None): the whole tensor is one row, last has 1 entry.
+    """
+    P, V = row_view(param, sparse_dim), row_view(v, sparse_dim)
+    idx = rows if rows is not None else torch.zeros(1, dtype=torch.int64, device=param.device)
+    if idx.numel() == 0:
+        return
+    G = grad.reshape(idx.numel(), P.shape[1]).float()
+    missed = (step - 1 - last[idx]).to(torch.float64)
+    decay = torch.pow(torch.tensor(beta2, dtype=torch.float64, device=param.device), missed).to(torch.float32)
+    vr = V[idx] * decay[:, None]
+    vr = vr * beta2 + (1 - beta2) * G * G
+    V[idx] = vr
+    bc2_sqrt = (1 - beta2**step) ** 0.5
+    pr = P[idx].float() - lr * (G / (vr.sqrt() / bc2_sqrt + eps))
+    if renorm:
+        pr = pr / pr.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    P[idx] = pr.to(P.dtype)
+    last[idx] = step

@@ -10,10 +10,21 @@ Backward touches only A and N:
     dW_encᵀ  = scatter_rows(dpre_A, x')                db_enc = scatter_rows(dpre_A, 1)
     dx'      = decode(dpre_A, W_encᵀ)                  (and db_dec -= sum dx' if b_dec is applied to x)
 
+Two ways to run it:
+
+- `sparse_jumprelu_sae_loss`: an autograd Function; `loss.backward()` fills
+  full-size `.grad` tensors (zero outside the touched rows), for any optimizer.
+- `sparse_jumprelu_sae_row_grads`: the lean step. Forward and backward in one
+  call, no autograd graph, and gradients only for the touched features
+  U = A ∪ N (`RowGrads`): at d_sae = 2^20 a full-size bf16 W_enc + W_dec
+  gradient is 9.7 GB, the compact one min(d_sae, tokens x (L0 + band)) rows.
+  sae_fast.optim.SparseAdamB1Zero.step_rows applies it.
+
 A backend supplies `encoder(x', W_enc, b_enc, threshold, half_bandwidth) -> EncodedSets`
 and a `Prims` with decode / gather_dot / scatter_rows. Nothing of shape
-[tokens, d_sae] is created here (the dense-pre encoder of the cpu/cuda
-backends creates one transiently; the Triton encoder never does).
+[tokens, d_sae] is created here; the dense-GEMM encoder of the torch/cpu/cuda
+backends (`chunked_pre_encoder`) forms pre one chunk of features at a time,
+within a fixed workspace; the Triton encoder never forms it.
 """
 
 from __future__ import annotations
@@ -47,18 +58,195 @@ class Prims:
 
 REFERENCE_PRIMS = Prims(reference.sparse_decode_raw, reference.sparse_gather_dot, reference.sparse_scatter_rows)
 
+# Workspace of the chunked encoder: pre in the SAE dtype, its float32 copy and
+# two masks, per (token, feature) of a chunk. 1 GiB holds 4096 tokens x 2^14+
+# features; at 4096 x 2^20 an unchunked pre would take 4096 * 2^20 * 12 B = 48 GiB.
+ENCODE_WORKSPACE_BYTES = 1 << 30
 
-def dense_pre_encoder(x, W_enc, b_enc, threshold, half_bandwidth: float) -> EncodedSets:
-    """Encoder for backends whose forward GEMM is dense: pre in full, then compaction."""
-    pre = x @ W_enc + b_enc
-    thr = threshold.float()
-    pre32 = pre.float()
-    a_mask = ((pre32 > thr) & (pre32 > 0)) | torch.isnan(pre32)
-    n_mask = (pre32 - thr).abs() < torch.tensor(half_bandwidth, dtype=torch.float32)
-    a_idx, a_val, a_cnt = compact(a_mask, pre)
-    n_idx, _, n_cnt = compact(n_mask)
-    step_sum = (pre32 > thr).sum().float()  # int64 count, one rounding
+
+def encode_chunk_features(n_tokens: int, d_sae: int, dtype: torch.dtype, workspace_bytes: int | None = None) -> int:
+    """Features per chunk so that the chunk's workspace stays within workspace_bytes."""
+    ws = ENCODE_WORKSPACE_BYTES if workspace_bytes is None else int(workspace_bytes)
+    if ws <= 0:
+        raise ValueError(f"workspace_bytes must be positive, got {workspace_bytes!r}")
+    per_feature = max(n_tokens, 1) * (torch.finfo(dtype).bits // 8 + 4 + 2)
+    c = max(1, ws // per_feature)
+    if c >= d_sae:
+        return d_sae
+    return max(128, c // 128 * 128)  # whole GEMM tiles
+
+
+def _merge_rows(parts):
+    """Join per-chunk (idx [N, c_i], val [N, c_i] or None, cnt [N]) lists row by row,
+    keeping increasing feature order (chunks are in feature order)."""
+    if len(parts) == 1:
+        return parts[0]
+    idx = torch.cat([p[0] for p in parts], 1)
+    valid = torch.cat([valid_slots(p[0], p[2]) for p in parts], 1)
+    pos, _, cnt = compact(valid)  # where each row's valid slots sit in the concatenation
+    keep = valid_slots(pos, cnt)
+    out_idx = torch.where(keep, idx.gather(1, pos), 0)
+    out_val = None
+    if parts[0][1] is not None:
+        val = torch.cat([p[1] for p in parts], 1)
+        out_val = torch.where(keep, val.gather(1, pos), torch.zeros((), dtype=val.dtype, device=val.device))
+    return out_idx, out_val, cnt
+
+
+def chunked_pre_encoder(x, W_enc, b_enc, threshold, half_bandwidth: float, *, band: bool = True,
+                        chunk_features: int | None = None) -> EncodedSets:
+    """Encoder for backends whose forward GEMM is dense (torch, cpu, cuda): pre for one
+    chunk of features at a time, compacted before the next; the sets are merged per row.
+    With band=False the band is left empty (inference). Indices are int64 throughout:
+    tokens x d_sae passes 2^31 at 4096 x 2^20."""
+    n, s = x.shape[0], W_enc.shape[1]
+    c = chunk_features or encode_chunk_features(n, s, x.dtype)
+    hb = torch.tensor(half_bandwidth, dtype=torch.float32)
+    a_parts, n_parts = [], []
+    step_sum = torch.zeros((), dtype=torch.float32, device=x.device)
+    for c0 in range(0, s, c):
+        c1 = min(s, c0 + c)
+        pre = x @ W_enc[:, c0:c1] + b_enc[c0:c1]
+        thr = threshold[c0:c1].float()
+        pre32 = pre.float()
+        a_mask = ((pre32 > thr) & (pre32 > 0)) | torch.isnan(pre32)
+        ai, av, ac = compact(a_mask, pre)
+        a_parts.append((ai + c0, av, ac))
+        if band:
+            ni, _, nc = compact((pre32 - thr).abs() < hb)
+            n_parts.append((ni + c0, None, nc))
+        step_sum += (pre32 > thr).sum().float()  # exact: int64 count, one rounding per chunk
+        del pre, pre32, a_mask
+    if not a_parts:  # d_sae >= 1 always; kept for clarity
+        raise ValueError("W_enc has no features")
+    a_idx, a_val, a_cnt = _merge_rows(a_parts)
+    a_idx = torch.where(valid_slots(a_idx, a_cnt), a_idx, 0)
+    if band:
+        n_idx, _, n_cnt = _merge_rows(n_parts)
+        n_idx = torch.where(valid_slots(n_idx, n_cnt), n_idx, 0)
+    else:
+        n_idx = torch.zeros(n, 0, dtype=torch.int64, device=x.device)
+        n_cnt = torch.zeros(n, dtype=torch.int32, device=x.device)
     return EncodedSets(a_idx, a_val, a_cnt, n_idx, n_cnt, step_sum)
+
+
+# ------------------------------------------------------------------ compact rows
+@dataclass
+class RowGrads:
+    """One step's gradients on the features it touched, U = A ∪ N (sorted, unique).
+
+    Every feature outside `rows` has an exactly zero gradient in W_dec, W_enc,
+    b_enc and threshold. W_enc holds the touched *columns* of dW_enc as rows
+    ([n, d_in] = dW_enc[:, rows]ᵀ), so both matrices update row-contiguously.
+    """
+
+    rows: torch.Tensor  # int64 [n]
+    W_enc: torch.Tensor  # [n, d_in], SAE dtype
+    b_enc: torch.Tensor  # [n], SAE dtype
+    threshold: torch.Tensor  # [n], float32
+    W_dec: torch.Tensor  # [n, d_in], SAE dtype
+    b_dec: torch.Tensor  # [d_in], SAE dtype
+
+    def dense(self, d_sae: int) -> dict:
+        """Full-size gradients by parameter name (tests, and handing over to dense optimizers)."""
+        def rows_of(v, shape):
+            out = torch.zeros(shape, dtype=v.dtype, device=v.device)
+            out[self.rows] = v
+            return out
+
+        d_in = self.b_dec.shape[0]
+        return {
+            "W_enc": rows_of(self.W_enc, (d_sae, d_in)).t(),
+            "b_enc": rows_of(self.b_enc, (d_sae,)),
+            "threshold": rows_of(self.threshold, (d_sae,)),
+            "W_dec": rows_of(self.W_dec, (d_sae, d_in)),
+            "b_dec": self.b_dec,
+        }
+
+    def sq_norm(self) -> torch.Tensor:
+        """Sum of squares of every gradient entry (float32), for global-norm clipping."""
+        return sum(t.float().pow(2).sum() for t in (self.W_enc, self.b_enc, self.threshold, self.W_dec, self.b_dec))
+
+
+def touched_features(d_sae: int, *sets) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, pos): the sorted features named on valid slots of any (idx, cnt) set, and
+    for every feature its position in `rows` (int64; only meaningful for touched ones).
+    A mark-and-count over d_sae (8 MB at 2^20), no sort: deterministic."""
+    dev = sets[0][0].device
+    mark = torch.zeros(d_sae, dtype=torch.bool, device=dev)
+    for idx, cnt in sets:
+        mark[idx[valid_slots(idx, cnt)]] = True
+    pos = torch.cumsum(mark, 0, dtype=torch.int64) - 1
+    return mark.nonzero().squeeze(1), pos
+
+
+def _remap(idx, cnt, pos):
+    return torch.where(valid_slots(idx, cnt), pos[idx], 0)
+
+
+# ---------------------------------------------------------------- the step
+def _forward(x, W_enc, b_enc, threshold, W_dec, b_dec, bandwidth, apply_b_dec_to_input, encoder, prims):
+    xin = x - b_dec if apply_b_dec_to_input else x
+    sets = encoder(xin, W_enc, b_enc, threshold, float(bandwidth) / 2)
+    # float32 reconstruction: the loss is float32, so its gradient g stays
+    # unrounded (the dense path rounds x_hat to the SAE dtype first, which
+    # puts ~1% relative error on g = 2(x_hat - x) in bf16).
+    recon = prims.decode(sets.a_idx, sets.a_val, sets.a_cnt, W_dec, b_dec, torch.float32)
+    active = sets.a_cnt.sum(dtype=torch.float32)
+    fired = torch.zeros(W_dec.shape[0], dtype=torch.bool, device=W_dec.device)
+    fired[sets.a_idx[valid_slots(sets.a_idx, sets.a_cnt)]] = True
+    return xin, sets, recon, active, fired
+
+
+def _backward(xin, W_enc, threshold, W_dec, sets: EncodedSets, g32, g_step, *, eps, apply_b_dec, prims, need,
+              rows=None, pos=None):
+    """The gradients of DESIGN.md from g32 = dL/dx_hat (float32) and g_step = dL/d step_sum.
+    need: (x, W_enc, b_enc, threshold, W_dec, b_dec) flags. With rows/pos, the
+    feature-indexed gradients come out compact (RowGrads layout), else full size."""
+    a_idx, a_val, a_cnt, n_idx, n_cnt = sets.a_idx, sets.a_val, sets.a_cnt, sets.n_idx, sets.n_cnt
+    if rows is not None:
+        n_out, a_out, n_out_idx = rows.numel(), _remap(a_idx, a_cnt, pos), _remap(n_idx, n_cnt, pos)
+    else:
+        n_out, a_out, n_out_idx = W_dec.shape[0], a_idx, n_idx
+    p = prims
+    g = g32.to(W_dec.dtype)  # the weight-gradient paths run in the SAE dtype, like the dense path
+    dW_dec = p.scatter_rows(a_val, a_out, a_cnt, g, n_out) if need[4] else None
+    db_dec = g32.sum(0) if need[5] else None
+    dpre_a = p.gather_dot(g32, a_idx, a_cnt, W_dec).to(W_dec.dtype)  # dacts on A == dpre on A
+    # Per-feature sums go through scatter_rows with a ones column (D = 1):
+    # a fixed summation order on every backend, where index_add_ on CUDA
+    # would use order-dependent float atomics.
+    ones = torch.ones(g.shape[0], 1, dtype=torch.float32, device=g.device)
+    d_thr = None
+    if need[3]:
+        # float32 grad in, float32 dots out: the band sum below then adds
+        # unrounded terms (one bf16 rounding less per term than the dense path).
+        dacts_n = p.gather_dot(g32, n_idx, n_cnt, W_dec)
+        band_sum = p.scatter_rows(dacts_n, n_out_idx, n_cnt, ones, n_out)[:, 0]
+        thr = threshold.float() if rows is None else threshold.float()[rows]
+        d_thr = -(thr / eps) * band_sum
+        if g_step is not None:
+            band_count = p.scatter_rows(torch.ones_like(dacts_n), n_out_idx, n_cnt, ones, n_out)[:, 0]
+            d_thr = d_thr - (g_step.float() / eps) * band_count
+        d_thr = d_thr.to(threshold.dtype)
+    dW_enc_t = p.scatter_rows(dpre_a, a_out, a_cnt, xin.contiguous(), n_out) if need[1] else None
+    db_enc32 = None
+    if need[2] or (rows is not None and apply_b_dec and need[5]):
+        db_enc32 = p.scatter_rows(dpre_a.float(), a_out, a_cnt, ones, n_out)[:, 0]
+    dx = None
+    if rows is not None and apply_b_dec and need[5]:
+        # sum_b dx'_b = sum_j (sum_b dpre[b,j]) W_enc[:, j]: the touched columns only,
+        # no transposed copy of W_enc
+        db_dec = db_dec - W_enc[:, rows].float() @ db_enc32
+    elif need[0] or (apply_b_dec and need[5]):
+        dxin = p.decode(a_idx, dpre_a, a_cnt, W_enc.t().contiguous(), None)
+        if apply_b_dec and need[5]:
+            db_dec = db_dec - dxin.sum(0, dtype=torch.float32)
+        dx = dxin if need[0] else None
+    db_enc = db_enc32.to(W_enc.dtype) if need[2] else None
+    if db_dec is not None:
+        db_dec = db_dec.to(W_dec.dtype)
+    return dx, dW_enc_t, db_enc, d_thr, dW_dec, db_dec
 
 
 class SparseJumpReLUSAEFunction(torch.autograd.Function):
@@ -66,15 +254,8 @@ class SparseJumpReLUSAEFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, threshold, W_dec, b_dec, bandwidth, apply_b_dec_to_input, encoder, prims):
-        xin = x - b_dec if apply_b_dec_to_input else x
-        sets = encoder(xin, W_enc, b_enc, threshold, float(bandwidth) / 2)
-        # float32 reconstruction: the loss is float32, so its gradient g stays
-        # unrounded (the dense path rounds x_hat to the SAE dtype first, which
-        # puts ~1% relative error on g = 2(x_hat - x) in bf16).
-        recon = prims.decode(sets.a_idx, sets.a_val, sets.a_cnt, W_dec, b_dec, torch.float32)
-        active = sets.a_cnt.sum(dtype=torch.float32)
-        fired = torch.zeros(W_dec.shape[0], dtype=torch.bool, device=W_dec.device)
-        fired[sets.a_idx[valid_slots(sets.a_idx, sets.a_cnt)]] = True
+        xin, sets, recon, active, fired = _forward(x, W_enc, b_enc, threshold, W_dec, b_dec, bandwidth,
+                                                   apply_b_dec_to_input, encoder, prims)
         ctx.save_for_backward(xin, W_enc, threshold, W_dec, sets.a_idx, sets.a_val, sets.a_cnt, sets.n_idx, sets.n_cnt)
         ctx.bandwidth = float(bandwidth)
         ctx.apply_b_dec = apply_b_dec_to_input
@@ -85,43 +266,14 @@ class SparseJumpReLUSAEFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g, g_step, _g_active, _g_fired):
         xin, W_enc, threshold, W_dec, a_idx, a_val, a_cnt, n_idx, n_cnt = ctx.saved_tensors
-        p, eps = ctx.prims, ctx.bandwidth
-        d_sae = W_dec.shape[0]
-        need = ctx.needs_input_grad
         if g is None:
             g = torch.zeros(xin.shape[0], W_dec.shape[1], dtype=torch.float32, device=W_dec.device)
-        g32 = g.float().contiguous()
-        g = g32.to(W_dec.dtype)  # the weight-gradient paths run in the SAE dtype, like the dense path
-        dW_dec = p.scatter_rows(a_val, a_idx, a_cnt, g, d_sae) if need[4] else None
-        db_dec = g32.sum(0) if need[5] else None
-        dpre_a = p.gather_dot(g32, a_idx, a_cnt, W_dec).to(W_dec.dtype)  # dacts on A == dpre on A
-        # Per-feature sums go through scatter_rows with a ones column (D = 1):
-        # a fixed summation order on every backend, where index_add_ on CUDA
-        # would use order-dependent float atomics.
-        ones = torch.ones(g.shape[0], 1, dtype=torch.float32, device=g.device)
-        d_thr = None
-        if need[3]:
-            # float32 grad in, float32 dots out: the band sum below then adds
-            # unrounded terms (one bf16 rounding less per term than the dense path).
-            dacts_n = p.gather_dot(g32, n_idx, n_cnt, W_dec)
-            band_sum = p.scatter_rows(dacts_n, n_idx, n_cnt, ones, d_sae)[:, 0]
-            d_thr = -(threshold.float() / eps) * band_sum
-            if g_step is not None:
-                band_count = p.scatter_rows(torch.ones_like(dacts_n), n_idx, n_cnt, ones, d_sae)[:, 0]
-                d_thr = d_thr - (g_step.float() / eps) * band_count
-            d_thr = d_thr.to(threshold.dtype)
-        dW_enc = p.scatter_rows(dpre_a, a_idx, a_cnt, xin.contiguous(), d_sae).t() if need[1] else None
-        db_enc = None
-        if need[2]:
-            db_enc = p.scatter_rows(dpre_a.float(), a_idx, a_cnt, ones, d_sae)[:, 0].to(W_enc.dtype)
-        dx = None
-        if need[0] or (ctx.apply_b_dec and need[5]):
-            dxin = p.decode(a_idx, dpre_a, a_cnt, W_enc.t().contiguous(), None)
-            if ctx.apply_b_dec and need[5]:
-                db_dec = db_dec - dxin.sum(0, dtype=torch.float32)
-            dx = dxin if need[0] else None
-        if db_dec is not None:
-            db_dec = db_dec.to(W_dec.dtype)
+        sets = EncodedSets(a_idx, a_val, a_cnt, n_idx, n_cnt, None)
+        dx, dW_enc_t, db_enc, d_thr, dW_dec, db_dec = _backward(
+            xin, W_enc, threshold, W_dec, sets, g.float().contiguous(), g_step, eps=ctx.bandwidth,
+            apply_b_dec=ctx.apply_b_dec, prims=ctx.prims, need=ctx.needs_input_grad[:6],
+        )
+        dW_enc = dW_enc_t.t() if dW_enc_t is not None else None
         return dx, dW_enc, db_enc, d_thr, dW_dec, db_dec, None, None, None, None
 
 
@@ -139,3 +291,31 @@ def sparse_jumprelu_sae_loss(
         loss=mse_loss + l0_loss, mse_loss=mse_loss, l0_loss=l0_loss, l0=active / n, reconstruction=recon.to(x.dtype),
         fired=fired,
     )
+
+
+@torch.no_grad()
+def sparse_jumprelu_sae_row_grads(
+    x, W_enc, b_enc, threshold, W_dec, b_dec, *, l0_coefficient, bandwidth, apply_b_dec_to_input, encoder, prims
+) -> tuple[TrainingOutput, RowGrads]:
+    """The lean step: the loss of sparse_jumprelu_sae_loss (no graph) and its gradients
+    on the touched features only. Equal to what loss.backward() puts in .grad, row for row."""
+    xin, sets, recon, active, fired = _forward(x, W_enc, b_enc, threshold, W_dec, b_dec, bandwidth,
+                                               apply_b_dec_to_input, encoder, prims)
+    n = max(x.shape[0], 1)
+    inv_n = torch.tensor(1.0 / n, dtype=torch.float32, device=x.device)
+    diff = recon - x.float()
+    mse_loss = diff.pow(2).sum() / n
+    l0_loss = float(l0_coefficient) * sets.step_sum / n
+    # the gradients autograd would form for these two lines, in the same order of roundings
+    g32 = inv_n * (2 * diff)
+    g_step = inv_n * float(l0_coefficient)
+    rows, pos = touched_features(W_dec.shape[0], (sets.a_idx, sets.a_cnt), (sets.n_idx, sets.n_cnt))
+    _, dW_enc_t, db_enc, d_thr, dW_dec, db_dec = _backward(
+        xin, W_enc, threshold, W_dec, sets, g32, g_step, eps=float(bandwidth), apply_b_dec=apply_b_dec_to_input,
+        prims=prims, need=(False, True, True, True, True, True), rows=rows, pos=pos,
+    )
+    out = TrainingOutput(
+        loss=mse_loss + l0_loss, mse_loss=mse_loss, l0_loss=l0_loss, l0=active / n, reconstruction=recon.to(x.dtype),
+        fired=fired,
+    )
+    return out, RowGrads(rows, dW_enc_t, db_enc, d_thr, dW_dec, db_dec)

@@ -10,6 +10,9 @@ Kernels:
   _sparse_scatter_rows_kernel G[j] = sum over entries of feature j of coef * grad[b], as a segmented
                              reduction over entries sorted by feature: a fixed summation order,
                              so results are deterministic (no float atomics).
+  _adam_b1zero_rows_kernel   the fused optimizer step (reference.adam_b1zero_rows_): lazy beta2^k
+                             decay, second moment, update and optional row renormalisation in
+                             one pass over the touched rows of a parameter.
 
 Offsets are int64 wherever tokens x d_sae or d_sae x d_in can pass 2^31.
 Runs on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 (tests).
@@ -56,7 +59,7 @@ def _rne_fix(dtype: torch.dtype) -> bool:
 def _jumprelu_encode_kernel(
     x_ptr, w_ptr, b_ptr, thr_ptr,
     a_idx_ptr, a_val_ptr, a_cnt_ptr, n_idx_ptr, n_cnt_ptr, h_cnt_ptr, dense_ptr,
-    N, D, S, a_cap, n_cap, half_bw,
+    N, D, S, SW, a_cap, n_cap, half_bw,
     OUT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, RNE_FIX: tl.constexpr,
     WRITE_DENSE: tl.constexpr, WRITE_BAND: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
@@ -74,7 +77,7 @@ def _jumprelu_encode_kernel(
         rk = k0 + tl.arange(0, BK)
         k_ok = rk < D
         xa = tl.load(x_ptr + rm64[:, None] * D + rk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        wb = tl.load(w_ptr + rk.to(tl.int64)[:, None] * S + rn64[None, :], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        wb = tl.load(w_ptr + rk.to(tl.int64)[:, None] * SW + rn64[None, :], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         if UPCAST:
             xa = xa.to(tl.float32)
             wb = wb.to(tl.float32)
@@ -137,8 +140,13 @@ def _upcast(dtype: torch.dtype) -> bool:
 
 
 def _launch_encode(x, W_enc, b_enc, threshold, *, dense, a_cap=0, n_cap=0, half_bw=0.0, band=False, out=None):
+    # W_enc may be a column slice W[:, c0:c1] of a wider matrix (row stride SW > s):
+    # a chunk of features, encoded without copying it out.
     n, d = x.shape
     s = W_enc.shape[1]
+    if s and W_enc.stride(1) != 1:
+        raise ValueError(f"jumprelu_encode: W_enc must have unit column stride, got strides {W_enc.stride()}")
+    sw = W_enc.stride(0) if d > 1 else s
     BM, BN, BK = _encode_blocks(n, d, s)
     grid = (triton.cdiv(n, BM), triton.cdiv(s, BN))
     dev = x.device
@@ -147,7 +155,7 @@ def _launch_encode(x, W_enc, b_enc, threshold, *, dense, a_cap=0, n_cap=0, half_
         if n:
             _jumprelu_encode_kernel[grid](
                 x, W_enc, b_enc, threshold, acts, acts, acts, acts, acts, acts, acts,
-                n, d, s, 0, 0, 0.0,
+                n, d, s, sw, 0, 0, 0.0,
                 OUT_DTYPE=_TL_DTYPE[x.dtype], PRECISION=_precision(x.dtype), UPCAST=_upcast(x.dtype), RNE_FIX=_rne_fix(x.dtype), WRITE_DENSE=True, WRITE_BAND=False,
                 BM=BM, BN=BN, BK=BK,
             )
@@ -162,7 +170,7 @@ def _launch_encode(x, W_enc, b_enc, threshold, *, dense, a_cap=0, n_cap=0, half_
     if n:
         _jumprelu_encode_kernel[grid](
             x, W_enc, b_enc, threshold, a_idx, a_val, a_cnt, n_idx, n_cnt, h_cnt, a_val,
-            n, d, s, a_cap, n_cap, float(half_bw),
+            n, d, s, sw, a_cap, n_cap, float(half_bw),
             OUT_DTYPE=_TL_DTYPE[x.dtype], PRECISION=_precision(x.dtype), UPCAST=_upcast(x.dtype), RNE_FIX=_rne_fix(x.dtype), WRITE_DENSE=False, WRITE_BAND=band,
             BM=BM, BN=BN, BK=BK,
         )
@@ -318,9 +326,77 @@ def sparse_scatter_rows(coef, indices, counts, grad, d_sae, out=None):
     order = torch.sort(key, stable=True).indices  # stable: (b, k) order inside a feature
     start = torch.zeros(d_sae + 1, dtype=torch.int64, device=grad.device)
     start[1:] = torch.cumsum(torch.bincount(key, minlength=d_sae + 1)[:d_sae], 0)
+    if d_sae == 0 or d == 0:
+        return out
     BD = _bd(d)
     _sparse_scatter_rows_kernel[(d_sae, triton.cdiv(d, BD))](
         order, start, coef, grad, out, max(k, 1), d, OUT_DTYPE=_TL_DTYPE[grad.dtype], RNE_FIX=_rne_fix(grad.dtype),
         EB=16, BD=BD,
     )
     return out
+
+
+# ---------------------------------------------------------------- optimizer
+@triton.jit
+def _adam_b1zero_rows_kernel(
+    p_ptr, v_ptr, last_ptr, rows_ptr, g_ptr, n, L, s_row, s_col,
+    step, lr, beta2, one_m_beta2, log2_beta2, eps, bc2_sqrt,
+    HAS_ROWS: tl.constexpr, RENORM: tl.constexpr, OUT_DTYPE: tl.constexpr, RNE_FIX: tl.constexpr,
+    BR: tl.constexpr, BL: tl.constexpr,
+):
+    r = tl.program_id(0) * BR + tl.arange(0, BR)
+    r_ok = r < n
+    r64 = r.to(tl.int64)
+    if HAS_ROWS:
+        j = tl.load(rows_ptr + r64, mask=r_ok, other=0)
+    else:
+        j = r64
+    last = tl.load(last_ptr + j, mask=r_ok, other=0)
+    missed = (step - 1 - last).to(tl.float32)
+    # beta2^missed; exactly 1 for a row updated last step (and when beta2 == 0)
+    decay = tl.where(missed == 0.0, 1.0, tl.exp2(missed * log2_beta2))
+    base = j * s_row
+    if RENORM:
+        sq = tl.zeros((BR,), dtype=tl.float32)
+    for c0 in range(0, L, BL):
+        c = c0 + tl.arange(0, BL)
+        ok = r_ok[:, None] & (c < L)[None, :]
+        off = base[:, None] + c.to(tl.int64)[None, :] * s_col
+        g = tl.load(g_ptr + r64[:, None] * L + c[None, :], mask=ok, other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + off, mask=ok, other=0.0) * decay[:, None]
+        v = v * beta2 + one_m_beta2 * g * g
+        tl.store(v_ptr + off, v, mask=ok)
+        p = tl.load(p_ptr + off, mask=ok, other=0.0).to(tl.float32) - lr * (g / (tl.sqrt(v) / bc2_sqrt + eps))
+        if RENORM:
+            # one tile holds the whole row (BL >= L): normalise before the one rounding
+            sq += tl.sum(p * p, axis=1)
+            p = p / tl.maximum(tl.sqrt(sq), 1e-12)[:, None]
+        tl.store(p_ptr + off, _cast_out(p, OUT_DTYPE, RNE_FIX), mask=ok)
+    tl.store(last_ptr + j, step + tl.zeros_like(last), mask=r_ok)
+
+
+def adam_b1zero_rows_(param, v, last, rows, grad, *, step, lr, beta2, eps, sparse_dim, renorm=False):
+    """Launcher of the fused step; same contract as reference.adam_b1zero_rows_."""
+    import math
+
+    from .reference import row_view
+
+    P = row_view(param, sparse_dim)
+    n = rows.numel() if rows is not None else 1
+    L = P.shape[1]
+    if n == 0 or L == 0:
+        return
+    s_row, s_col = P.stride()
+    g = grad.reshape(n, L).contiguous()
+    BL = triton.next_power_of_2(L) if renorm else min(triton.next_power_of_2(L), 1024)
+    if renorm and BL > 16384:
+        raise ValueError(f"renorm needs a row of at most 16384 elements in one tile, got {L}")
+    # Short rows (b_enc, threshold: L = 1) go many to a program; long rows one each.
+    BR = max(1, min(64, 4096 // BL))
+    _adam_b1zero_rows_kernel[(triton.cdiv(n, BR),)](
+        param, v, last, rows if rows is not None else last, g, n, L, s_row, s_col,
+        int(step), float(lr), float(beta2), float(1 - beta2),
+        math.log2(beta2) if beta2 > 0 else float("-inf"), float(eps), float((1 - beta2**step) ** 0.5),
+        HAS_ROWS=rows is not None, RENORM=bool(renorm), OUT_DTYPE=_TL_DTYPE[param.dtype],
+        RNE_FIX=_rne_fix(param.dtype), BR=BR, BL=BL,
+    )

@@ -4,7 +4,8 @@ Op names follow the ladder of DESIGN.md; the namespace says which implementation
 sae_fast_triton::jumprelu_encode (dense acts, fused threshold),
 sae_fast_triton::jumprelu_encode_sparse (active set, band, per-row step counts),
 sae_fast_triton::sparse_decode / sparse_gather_dot / sparse_scatter_rows (same schemas,
-fakes and autograd as the C++ ops in namespace sae_fast).
+fakes and autograd as the C++ ops in namespace sae_fast),
+sae_fast_triton::adam_b1zero_rows_ (the fused, in-place optimizer step of sae_fast.optim).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from torch import Tensor
 from . import backends, reference
 from .cpp_ops import prims_from_ops, register_sparse_prims_meta
 from .sparse import SparseActs, valid_slots
-from .sparse_train import EncodedSets, sparse_jumprelu_sae_loss
+from .sparse_train import EncodedSets, sparse_jumprelu_sae_loss, sparse_jumprelu_sae_row_grads
 from . import triton_kernels as tk
 
 NS = "sae_fast_triton"
@@ -124,6 +125,12 @@ class TritonBackend:
             apply_b_dec_to_input=apply_b_dec_to_input, encoder=triton_encoder, prims=PRIMS,
         )
 
+    def row_grads(self, x, W_enc, b_enc, threshold, W_dec, b_dec, l0_coefficient, bandwidth, apply_b_dec_to_input):
+        return sparse_jumprelu_sae_row_grads(
+            x, W_enc, b_enc, threshold, W_dec, b_dec, l0_coefficient=l0_coefficient, bandwidth=bandwidth,
+            apply_b_dec_to_input=apply_b_dec_to_input, encoder=triton_encoder, prims=PRIMS,
+        )
+
 
 def _unavailable(device: torch.device):
     if device.type == "cuda":
@@ -136,3 +143,20 @@ def _unavailable(device: torch.device):
 
 
 backends.register("triton", TritonBackend, _unavailable)
+
+
+@torch.library.custom_op(f"{NS}::adam_b1zero_rows_", mutates_args=("param", "v", "last"))
+def adam_b1zero_rows_(
+    param: Tensor, v: Tensor, last: Tensor, rows: Tensor | None, grad: Tensor, step: int, lr: float, beta2: float,
+    eps: float, sparse_dim: int | None, renorm: bool,
+) -> None:
+    for name, t in (("param", param), ("v", v)):
+        if not t.is_contiguous():
+            raise ValueError(f"adam_b1zero_rows_: {name} must be contiguous")
+    tk.adam_b1zero_rows_(param, v, last, rows, grad, step=step, lr=lr, beta2=beta2, eps=eps, sparse_dim=sparse_dim,
+                         renorm=renorm)
+
+
+@adam_b1zero_rows_.register_fake
+def _(param, v, last, rows, grad, step, lr, beta2, eps, sparse_dim, renorm):
+    return None

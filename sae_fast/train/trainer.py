@@ -89,7 +89,9 @@ class Trainer:
         if cfg.optimizer == "sparse-adam":
             from ..optim import SparseAdamB1Zero
 
-            self.opt = SparseAdamB1Zero.for_sae(self.sae, lr=cfg.lr, beta2=cfg.adam_beta2, eps=cfg.adam_eps)
+            # the W_dec rows a step changes are renormalised inside the fused step
+            self.opt = SparseAdamB1Zero.for_sae(self.sae, lr=cfg.lr, beta2=cfg.adam_beta2, eps=cfg.adam_eps,
+                                                decoder_unit_norm=cfg.decoder_unit_norm)
         else:
             self.opt = torch.optim.Adam(self.sae.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                         eps=cfg.adam_eps)
@@ -116,33 +118,14 @@ class Trainer:
         t0 = time.perf_counter()
         x = (self.buffer.next().float() * self.scale).to(sae.dtype)
         lam = l0_coefficient_at(self.step, cfg)
-        out = sae.training_forward(x, l0_coefficient=lam, bandwidth=cfg.bandwidth)
-        self.opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        rows = None
+        lr = lr_at(self.step, cfg)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        if cfg.optimizer == "sparse-adam":
+            out = self._lean_step(x, lam)
+        else:
+            out = self._dense_step(x, lam)
         with torch.no_grad():
-            if cfg.decoder_unit_norm and sae.W_dec.grad is not None:
-                # remove the gradient component parallel to each (unit-norm) decoder row;
-                # with the row-sparse optimizer only the rows this step touched change
-                W, G = sae.W_dec, sae.W_dec.grad
-                if cfg.optimizer == "sparse-adam":
-                    rows = (G != 0).any(1).nonzero().squeeze(1)
-                    Gr, Wr = G[rows], W[rows]
-                    G[rows] = Gr - (Gr * Wr).sum(-1, keepdim=True) * Wr
-                else:
-                    G -= (G * W).sum(-1, keepdim=True) * W
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
-            lr = lr_at(self.step, cfg)
-            for g in self.opt.param_groups:
-                g["lr"] = lr
-        self.opt.step()
-        with torch.no_grad():
-            if cfg.decoder_unit_norm and rows is not None:
-                Wr = sae.W_dec[rows]
-                sae.W_dec[rows] = Wr / Wr.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-            elif cfg.decoder_unit_norm:
-                sae.W_dec /= sae.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12)
             self.last_fired[out.fired] = self.step
             xf = x.float()
             var = (xf - xf.mean(0)).pow(2).sum(-1).mean()
@@ -156,6 +139,46 @@ class Trainer:
                 "fvu": (out.mse_loss / var.clamp_min(1e-12)).item(), "l0": out.l0.item(),
                 "dead_frac": dead.item() if self.step >= window else float("nan"),
                 "l0_coefficient": lam, "lr": lr, "tokens_per_s": cfg.batch_size / dt}
+
+    def _dense_step(self, x, lam):
+        """autograd, full-size .grad tensors, torch.optim.Adam."""
+        cfg, sae = self.cfg, self.sae
+        out = sae.training_forward(x, l0_coefficient=lam, bandwidth=cfg.bandwidth)
+        self.opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        with torch.no_grad():
+            if cfg.decoder_unit_norm:
+                # remove the gradient component parallel to each (unit-norm) decoder row
+                W, G = sae.W_dec, sae.W_dec.grad
+                G -= (G * W).sum(-1, keepdim=True) * W
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+        self.opt.step()
+        if cfg.decoder_unit_norm:
+            with torch.no_grad():
+                sae.W_dec /= sae.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        return out
+
+    def _lean_step(self, x, lam):
+        """The lean step: no autograd graph, gradients for the touched features only
+        (RowGrads), parallel-gradient removal and clipping on those rows, then the
+        row-sparse optimizer (which renormalises the changed W_dec rows in the same pass).
+        Nothing of size [d_sae, d_in] beyond the parameters and the optimizer state."""
+        from ..optim import remove_parallel_component
+
+        cfg, sae = self.cfg, self.sae
+        out, grads = sae.training_row_grads(x, l0_coefficient=lam, bandwidth=cfg.bandwidth)
+        if cfg.decoder_unit_norm:
+            grads.W_dec = remove_parallel_component(sae.W_dec, grads.rows, grads.W_dec)
+        if cfg.grad_clip > 0:
+            # torch.nn.utils.clip_grad_norm_'s rule on the global norm; the untouched
+            # rows' gradients are exactly zero and add nothing to it
+            coef = (cfg.grad_clip / (grads.sq_norm().sqrt() + 1e-6)).clamp(max=1.0)
+            for name in ("W_enc", "b_enc", "threshold", "W_dec", "b_dec"):
+                t = getattr(grads, name)
+                setattr(grads, name, (t.float() * coef).to(t.dtype))
+        self.opt.step_rows(grads)
+        return out
 
     # ------------------------------------------------------------ checkpoints
     def folded_sae(self) -> JumpReLUSAE:

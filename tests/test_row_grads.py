@@ -1,0 +1,121 @@
+"""The lean training step, jumprelu_sae_row_grads: the loss without a graph and the
+gradients of the touched features only (RowGrads), on every backend, against the
+float64 truth with the tolerance of the dense path in the same dtype."""
+
+import pytest
+import torch
+
+import sae_fast
+from sae_fast import backends, reference
+from sae_fast.sparse_train import touched_features
+
+from helpers import DTYPES, EXACT_BANDWIDTH, assert_close_as_dense, exact_pre_case
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+BACKENDS = ["torch", "cpu", "triton"]
+# (tokens, mode): odd sizes, every/no feature active, one token, zero tokens
+CASES = [(13, "mixed"), (13, "all"), (13, "none"), (1, "mixed"), (0, "mixed")]
+D_IN, D_SAE = 17, 45
+KW = dict(l0_coefficient=0.3, bandwidth=EXACT_BANDWIDTH)
+
+
+def _device(backend):
+    return DEV if backend == "triton" else "cpu"
+
+
+def _sae(params, backend, apply_b_dec):
+    dev = _device(backend)
+    why = backends.unavailable_reason(backend, dev)
+    if why:
+        pytest.skip(f"backend {backend}: {why}")
+    sae = sae_fast.JumpReLUSAE(D_IN, D_SAE, dtype=params["W_enc"].dtype, device=dev, backend=backend,
+                               apply_b_dec_to_input=apply_b_dec)
+    with torch.no_grad():
+        for k, v in params.items():
+            getattr(sae, k).copy_(v)
+    return sae
+
+
+def _reference_grads(x, params, apply_b_dec):
+    ps = {k: v.clone().requires_grad_() for k, v in params.items()}
+    out = reference.jumprelu_sae_loss(x, **ps, apply_b_dec_to_input=apply_b_dec, **KW)
+    out.loss.backward()
+    return out, {k: v.grad for k, v in ps.items()}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,mode", CASES)
+@pytest.mark.parametrize("apply_b_dec", [False, True])
+def test_row_grads_match_reference(backend, dtype, n, mode, apply_b_dec):
+    x, p = exact_pre_case(n, D_IN, D_SAE, dtype, mode)
+    if apply_b_dec:
+        p["b_dec"] = torch.zeros_like(p["b_dec"])  # keeps x - b_dec on the exact grid
+    sae = _sae(p, backend, apply_b_dec)
+    out, g = sae.training_row_grads(x.to(sae.device), **KW)
+    assert all(prm.grad is None for prm in sae.parameters())  # .grad is left alone
+    truth, tg = _reference_grads(x.double(), {k: v.double() for k, v in p.items()}, apply_b_dec)
+    dense, dg = _reference_grads(x, p, apply_b_dec)
+
+    # rows are exactly the features in the active set or the band of some token
+    pre64 = reference.jumprelu_pre(x.double(), p["W_enc"].double(), p["b_enc"].double())
+    want = (reference.active_mask(pre64, p["threshold"].double())
+            | reference.band_mask(pre64, p["threshold"], EXACT_BANDWIDTH)).any(0).nonzero().squeeze(1)
+    assert torch.equal(g.rows.cpu(), want)
+    assert g.W_enc.shape == g.W_dec.shape == (want.numel(), D_IN)
+    assert g.threshold.dtype == torch.float32 and g.W_dec.dtype == g.W_enc.dtype == g.b_dec.dtype == dtype
+
+    assert out.l0.item() == truth.l0.item() and out.l0_loss.item() == pytest.approx(truth.l0_loss.item())
+    assert torch.equal(out.fired.cpu(), truth.fired)
+    assert_close_as_dense(out.mse_loss.cpu(), truth.mse_loss, dense.mse_loss, what="mse", ulp_dtype=dtype)
+    full = g.dense(D_SAE)
+    for k in full:
+        assert_close_as_dense(full[k].cpu(), tg[k], dg[k], what=f"{backend} row grad {k}")
+    if n > 1 and mode == "mixed":
+        assert g.threshold.abs().sum() > 0  # the band is exercised
+        assert g.rows.numel() < D_SAE  # and some features were left out
+
+
+@pytest.mark.parametrize("apply_b_dec", [False, True])
+def test_row_grads_are_the_autograd_gradients_compacted(apply_b_dec):
+    # same backend, same kernels: the lean step and loss.backward() give the same numbers
+    if backends.unavailable_reason("cpu", "cpu"):
+        pytest.skip("the compiled cpu backend is not built")
+    x, p = exact_pre_case(29, D_IN, D_SAE, torch.float32, "mixed")
+    sae = _sae(p, "cpu", apply_b_dec)
+    out, g = sae.training_row_grads(x, **KW)
+    ref = sae.training_forward(x, **KW)
+    ref.loss.backward()
+    assert torch.equal(out.loss, ref.loss.detach())
+    full = g.dense(D_SAE)
+    for k, prm in sae.named_parameters():
+        if k == "b_dec" and apply_b_dec:
+            # the lean step sums dx' as W_enc[:, rows] @ db_enc instead of decoding it per token
+            torch.testing.assert_close(full[k], prm.grad, rtol=1e-5, atol=1e-6)
+        else:
+            assert torch.equal(full[k], prm.grad), k
+
+
+def test_touched_features_and_grad_norm():
+    idx = torch.tensor([[5, 2, 0], [7, 0, 0]])
+    cnt = torch.tensor([2, 1], dtype=torch.int32)
+    nidx = torch.tensor([[9], [2]])
+    ncnt = torch.tensor([1, 0], dtype=torch.int32)
+    rows, pos = touched_features(12, (idx, cnt), (nidx, ncnt))
+    assert rows.tolist() == [2, 5, 7, 9]  # padding slots (index 0) name nothing
+    assert pos[rows].tolist() == [0, 1, 2, 3]
+    x, p = exact_pre_case(9, D_IN, D_SAE, torch.float32, "mixed")
+    sae = _sae(p, "torch", False)
+    _, g = sae.training_row_grads(x, **KW)
+    ref = sae.training_forward(x, **KW)
+    ref.loss.backward()
+    norm = torch.stack([prm.grad.float().norm() for prm in sae.parameters()]).norm()
+    torch.testing.assert_close(g.sq_norm().sqrt(), norm)
+
+
+def test_row_grads_bad_input():
+    sae = sae_fast.JumpReLUSAE(8, 16, backend="torch")
+    with pytest.raises(ValueError, match="l0_coefficient"):
+        sae.training_row_grads(torch.randn(3, 8), l0_coefficient=-1.0)
+    with pytest.raises(ValueError, match="x must have last dimension d_in=8"):
+        sae.training_row_grads(torch.randn(3, 9), l0_coefficient=0.1)
