@@ -25,8 +25,11 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--band", type=int, default=64, help="expected features per token inside the straight-through band")
     pl.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="bfloat16", help="weight dtype")
     pl.add_argument("--optimizer", choices=("sparse-adam", "adam"), default="sparse-adam",
-                    help="sparse-adam: row-sparse Adam(beta1=0) with gradients for touched rows only")
+                    help="sparse-adam: the lean step (gradients for touched features only, row-sparse Adam(beta1=0)); "
+                         "adam: autograd, full-size gradients")
     pl.add_argument("--adam-beta1", type=float, default=0.0, help="Adam beta1 (0 keeps one moment)")
+    pl.add_argument("--backend", choices=("triton", "cuda"), default="triton",
+                    help="encoder: triton keeps pre in registers, cuda forms it one chunk of features at a time")
     pl.add_argument("--gpu-mem-gib", type=float, default=80.0, help="GPU memory to fit in (GiB)")
     return p
 
@@ -169,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             d = plan(args.d_in, args.d_sae, args.batch, l0=args.l0, band=args.band, dtype=args.dtype,
-                     optimizer=args.optimizer, adam_beta1=args.adam_beta1)
+                     optimizer=args.optimizer, adam_beta1=args.adam_beta1, backend=args.backend)
         except ValueError as e:
             parser.error(str(e))
         text, fits = render(d, args.gpu_mem_gib)

@@ -52,9 +52,11 @@ def active_mask(pre: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
 
 
 def band_mask(pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
-    """The band N: |pre - threshold| < bandwidth/2, measured in float32 on pre itself."""
-    half = torch.tensor(check_bandwidth(bandwidth) / 2, dtype=torch.float32)
-    return (pre.float() - threshold.float()).abs() < half.to(pre.device)
+    """The band N: |pre - threshold| < bandwidth/2, measured in float32 on pre itself
+    (float64 for a float64 truth)."""
+    acc = torch.promote_types(pre.dtype, torch.float32)
+    half = torch.tensor(check_bandwidth(bandwidth) / 2, dtype=acc)
+    return (pre.to(acc) - threshold.to(acc)).abs() < half.to(pre.device)
 
 
 def jumprelu_encode(
@@ -130,18 +132,20 @@ class JumpReLUFunction(torch.autograd.Function):
         pre, threshold = ctx.saved_tensors
         eps = ctx.bandwidth
         d_pre = grad_acts * active_mask(pre, threshold).to(grad_acts.dtype)
-        band = band_mask(pre, threshold, eps).float()
-        g = (grad_acts.float() * band).reshape(-1, pre.shape[-1]).sum(0)
-        d_thr = -(threshold.float() / eps) * g
+        # float32 sums (float64 for a float64 truth: never round the truth to float32)
+        acc = torch.promote_types(grad_acts.dtype, torch.float32)
+        band = band_mask(pre, threshold, eps).to(acc)
+        g = (grad_acts.to(acc) * band).reshape(-1, pre.shape[-1]).sum(0)
+        d_thr = -(threshold.to(acc) / eps) * g
         return d_pre, d_thr.to(threshold.dtype), None
 
 
 class StepFunction(torch.autograd.Function):
-    """H(pre - threshold) as float32, with d/d threshold = -(1/eps) K((pre - threshold)/eps), d/d pre = 0."""
+    """H(pre - threshold) as float32 (float64 for float64 pre), with d/d threshold = -(1/eps) K((pre - threshold)/eps), d/d pre = 0."""
 
     @staticmethod
     def forward(pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
-        return (pre > threshold).float()
+        return (pre > threshold).to(torch.promote_types(pre.dtype, torch.float32))  # float64 for a float64 truth
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
@@ -153,8 +157,9 @@ class StepFunction(torch.autograd.Function):
     def backward(ctx: Any, grad_step: torch.Tensor):
         pre, threshold = ctx.saved_tensors
         eps = ctx.bandwidth
-        band = band_mask(pre, threshold, eps).float()
-        g = (grad_step.float() * band).reshape(-1, pre.shape[-1]).sum(0)
+        acc = torch.promote_types(grad_step.dtype, torch.float32)
+        band = band_mask(pre, threshold, eps).to(acc)
+        g = (grad_step.to(acc) * band).reshape(-1, pre.shape[-1]).sum(0)
         return None, (-(1.0 / eps) * g).to(threshold.dtype), None
 
 
@@ -205,23 +210,26 @@ def jumprelu_sae_loss(
 # ---------------------------------------------------------- sparse primitives
 # The three primitives every compiled backend implements (csrc/, kernels/,
 # sae_fast/triton_kernels.py). Padding slots (k >= counts[b]) contribute nothing.
-def sparse_gather_dot(grad: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
-    """r[b, k] = <grad[b], W[indices[b, k]]> on valid slots, 0 on padding; float32 accumulation.
+def sparse_gather_dot(grad: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor, W: torch.Tensor,
+                      acc: torch.dtype | None = None) -> torch.Tensor:
+    """r[b, k] = <grad[b], W[indices[b, k]]> on valid slots, 0 on padding; float32 accumulation
+    (or `acc`: float64 where the torch backend runs on CPU, like the C++ CPU kernels).
 
     The result has grad's dtype: W's, or float32 for unrounded dot products.
     """
     n, k = indices.shape
     rows = W.index_select(0, indices.reshape(-1)).reshape(n, k, W.shape[1])
-    acc = torch.promote_types(W.dtype, torch.float32)  # float32, or float64 for float64 truth
+    acc = acc or torch.promote_types(W.dtype, torch.float32)  # float32, or float64 for float64 truth
     r = torch.einsum("nd,nkd->nk", grad.to(acc), rows.to(acc))
     return (r * valid_slots(indices, counts)).to(grad.dtype)
 
 
 def sparse_scatter_rows(
-    coef: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor, grad: torch.Tensor, d_sae: int
+    coef: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor, grad: torch.Tensor, d_sae: int,
+    acc: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """G[j] = sum over (b, k) with indices[b, k] == j of coef[b, k] * grad[b]; float32 accumulation."""
-    acc = torch.promote_types(grad.dtype, torch.float32)
+    """G[j] = sum over (b, k) with indices[b, k] == j of coef[b, k] * grad[b]; float32 accumulation (or `acc`)."""
+    acc = acc or torch.promote_types(grad.dtype, torch.float32)
     if d_sae == 0:  # a compact step that touched no feature (padding slots name index 0)
         return torch.zeros(0, grad.shape[1], dtype=grad.dtype, device=grad.device)
     c = coef.to(acc) * valid_slots(indices, counts)
@@ -238,14 +246,14 @@ def sparse_decode_raw(
     W: torch.Tensor,
     bias: torch.Tensor | None,
     out_dtype: torch.dtype | None = None,
+    acc: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """out[b] = sum_k values[b, k] * W[indices[b, k]] (+ bias) over valid slots; float32 accumulation.
-
-    Returned in W's dtype, or unrounded with out_dtype=torch.float32.
+    """out[b] = sum_k values[b, k] * W[indices[b, k]] (+ bias) over valid slots; float32 accumulation
+    (or `acc`). Returned in W's dtype, or unrounded with out_dtype=torch.float32.
     """
     n, k = indices.shape
     rows = W.index_select(0, indices.reshape(-1)).reshape(n, k, W.shape[1])
-    acc = torch.promote_types(W.dtype, torch.float32)
+    acc = acc or torch.promote_types(W.dtype, torch.float32)
     v = values.to(acc) * valid_slots(indices, counts)
     out = torch.einsum("nk,nkd->nd", v, rows.to(acc))
     if bias is not None:
@@ -295,14 +303,15 @@ def adam_b1zero_rows_(
     idx = rows if rows is not None else torch.zeros(1, dtype=torch.int64, device=param.device)
     if idx.numel() == 0:
         return
-    G = grad.reshape(idx.numel(), P.shape[1]).float()
+    acc = torch.promote_types(v.dtype, torch.float32)  # float32; float64 for a float64 truth
+    G = grad.reshape(idx.numel(), P.shape[1]).to(acc)
     missed = (step - 1 - last[idx]).to(torch.float64)
-    decay = torch.pow(torch.tensor(beta2, dtype=torch.float64, device=param.device), missed).to(torch.float32)
-    vr = V[idx] * decay[:, None]
+    decay = torch.pow(torch.tensor(beta2, dtype=torch.float64, device=param.device), missed).to(acc)
+    vr = V[idx].to(acc) * decay[:, None]
     vr = vr * beta2 + (1 - beta2) * G * G
-    V[idx] = vr
+    V[idx] = vr.to(V.dtype)
     bc2_sqrt = (1 - beta2**step) ** 0.5
-    pr = P[idx].float() - lr * (G / (vr.sqrt() / bc2_sqrt + eps))
+    pr = P[idx].to(acc) - lr * (G / (vr.sqrt() / bc2_sqrt + eps))
     if renorm:
         pr = pr / pr.norm(dim=1, keepdim=True).clamp_min(1e-12)
     P[idx] = pr.to(P.dtype)

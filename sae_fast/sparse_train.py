@@ -57,10 +57,19 @@ class Prims:
 
 
 REFERENCE_PRIMS = Prims(reference.sparse_decode_raw, reference.sparse_gather_dot, reference.sparse_scatter_rows)
+# The torch backend's lean step on CPU: the same primitives accumulating in float64,
+# as the C++ CPU kernels do (cheap on a CPU; its float32 sums were up to 4x the dense
+# path's error on some inputs). On CUDA the torch backend uses REFERENCE_PRIMS.
+REFERENCE_PRIMS_F64_ACC = Prims(
+    lambda i, v, c, W, b, out_dtype=None: reference.sparse_decode_raw(i, v, c, W, b, out_dtype, acc=torch.float64),
+    lambda g, i, c, W: reference.sparse_gather_dot(g, i, c, W, acc=torch.float64),
+    lambda co, i, c, g, s: reference.sparse_scatter_rows(co, i, c, g, s, acc=torch.float64),
+)
 
-# Workspace of the chunked encoder: pre in the SAE dtype, its float32 copy and
-# two masks, per (token, feature) of a chunk. 1 GiB holds 4096 tokens x 2^14+
-# features; at 4096 x 2^20 an unchunked pre would take 4096 * 2^20 * 12 B = 48 GiB.
+# Workspace of the chunked encoder, per (token, feature) of a chunk at its peak:
+# pre in the SAE dtype, its float32 copy, the float32 |pre - threshold| of the band
+# test and three bool masks (dtype + 11 bytes). 1 GiB holds 4096 tokens x 20096
+# bf16 features; an unchunked pre at 4096 x 2^20 would take 4096 * 2^20 * 13 B = 52 GiB.
 ENCODE_WORKSPACE_BYTES = 1 << 30
 
 
@@ -69,7 +78,7 @@ def encode_chunk_features(n_tokens: int, d_sae: int, dtype: torch.dtype, workspa
     ws = ENCODE_WORKSPACE_BYTES if workspace_bytes is None else int(workspace_bytes)
     if ws <= 0:
         raise ValueError(f"workspace_bytes must be positive, got {workspace_bytes!r}")
-    per_feature = max(n_tokens, 1) * (torch.finfo(dtype).bits // 8 + 4 + 2)
+    per_feature = max(n_tokens, 1) * (torch.finfo(dtype).bits // 8 + 11)
     c = max(1, ws // per_feature)
     if c >= d_sae:
         return d_sae
@@ -160,12 +169,24 @@ class RowGrads:
             "b_enc": rows_of(self.b_enc, (d_sae,)),
             "threshold": rows_of(self.threshold, (d_sae,)),
             "W_dec": rows_of(self.W_dec, (d_sae, d_in)),
-            "b_dec": self.b_dec,
+            "b_dec": self.b_dec.clone(),
         }
 
-    def sq_norm(self) -> torch.Tensor:
-        """Sum of squares of every gradient entry (float32), for global-norm clipping."""
-        return sum(t.float().pow(2).sum() for t in (self.W_enc, self.b_enc, self.threshold, self.W_dec, self.b_dec))
+    def tensors(self) -> tuple:
+        return (self.W_enc, self.b_enc, self.threshold, self.W_dec, self.b_dec)
+
+    def norm(self) -> torch.Tensor:
+        """L2 norm over every gradient entry (float32), as torch.nn.utils.clip_grad_norm_ measures it."""
+        return torch.stack([torch.linalg.vector_norm(t, dtype=torch.float32) for t in self.tensors()]).norm()
+
+    def clip_(self, max_norm: float) -> torch.Tensor:
+        """clip_grad_norm_'s rule, in place: scale by min(1, max_norm / (norm + 1e-6)),
+        the factor cast to each gradient's dtype first, as torch does. Returns the norm."""
+        total = self.norm()
+        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        for t in self.tensors():
+            t.mul_(coef.to(t.dtype))
+        return total
 
 
 def touched_features(d_sae: int, *sets) -> tuple[torch.Tensor, torch.Tensor]:
@@ -223,11 +244,13 @@ def _backward(xin, W_enc, threshold, W_dec, sets: EncodedSets, g32, g_step, *, e
         # unrounded terms (one bf16 rounding less per term than the dense path).
         dacts_n = p.gather_dot(g32, n_idx, n_cnt, W_dec)
         band_sum = p.scatter_rows(dacts_n, n_out_idx, n_cnt, ones, n_out)[:, 0]
-        thr = threshold.float() if rows is None else threshold.float()[rows]
-        d_thr = -(thr / eps) * band_sum
+        # The per-feature combination in float64 (vectors of d_sae, cheap): one rounding
+        # at the end instead of five, where the two terms can cancel.
+        thr = threshold.double() if rows is None else threshold.double()[rows]
+        d_thr = -(thr / eps) * band_sum.double()
         if g_step is not None:
             band_count = p.scatter_rows(torch.ones_like(dacts_n), n_out_idx, n_cnt, ones, n_out)[:, 0]
-            d_thr = d_thr - (g_step.float() / eps) * band_count
+            d_thr = d_thr - (g_step.double() / eps) * band_count.double()
         d_thr = d_thr.to(threshold.dtype)
     dW_enc_t = p.scatter_rows(dpre_a, a_out, a_cnt, xin.contiguous(), n_out) if need[1] else None
     db_enc32 = None

@@ -353,7 +353,7 @@ def _adam_b1zero_rows_kernel(
         j = r64
     last = tl.load(last_ptr + j, mask=r_ok, other=0)
     missed = (step - 1 - last).to(tl.float32)
-    # beta2^missed; exactly 1 for a row updated last step (and when beta2 == 0)
+    # beta2^missed; exactly 1 for a row updated last step
     decay = tl.where(missed == 0.0, 1.0, tl.exp2(missed * log2_beta2))
     base = j * s_row
     if RENORM:
@@ -396,7 +396,8 @@ def adam_b1zero_rows_(param, v, last, rows, grad, *, step, lr, beta2, eps, spars
     _adam_b1zero_rows_kernel[(triton.cdiv(n, BR),)](
         param, v, last, rows if rows is not None else last, g, n, L, s_row, s_col,
         int(step), float(lr), float(beta2), float(1 - beta2),
-        math.log2(beta2) if beta2 > 0 else float("-inf"), float(eps), float((1 - beta2**step) ** 0.5),
+        # beta2 = 0: 2^(-200 k) is 0 in float32 for every k >= 1 (and -inf * 0 would be NaN)
+        math.log2(beta2) if beta2 > 0 else -200.0, float(eps), float((1 - beta2**step) ** 0.5),
         HAS_ROWS=rows is not None, RENORM=bool(renorm), OUT_DTYPE=_TL_DTYPE[param.dtype],
         RNE_FIX=_rne_fix(param.dtype), BR=BR, BL=BL,
     )

@@ -4,7 +4,10 @@ import pytest
 import torch
 
 from sae_fast import JumpReLUSAE
+from sae_fast import reference
 from sae_fast.optim import SparseAdamB1Zero
+
+from helpers import DTYPES, assert_close_as_dense
 
 
 def _params():
@@ -28,14 +31,15 @@ def _grads(step, gen, touch=0.3, idle_rows=(3, 5)):
     return [g0, g1, g2, g3]
 
 
-def _ours(params, lr=1e-2, b2=0.99):
-    return SparseAdamB1Zero([{"params": [p], "sparse_dim": d} for p, d in zip(params, SPARSE_DIMS)], lr=lr, beta2=b2)
+def _ours(params, lr=1e-2, b2=0.99, fused=False):
+    return SparseAdamB1Zero([{"params": [p], "sparse_dim": d} for p, d in zip(params, SPARSE_DIMS)], lr=lr, beta2=b2,
+                            fused=fused)
 
 
-def _pair(lr=1e-2, b2=0.99):
+def _pair(lr=1e-2, b2=0.99, fused=False):
     a = [p.clone().requires_grad_() for p in _params()]
     b = [p.clone().requires_grad_() for p in _params()]
-    return a, b, _ours(a, lr, b2), torch.optim.Adam(b, lr=lr, betas=(0.0, b2))
+    return a, b, _ours(a, lr, b2, fused), torch.optim.Adam(b, lr=lr, betas=(0.0, b2))
 
 
 def _feed(params, grads):
@@ -52,8 +56,10 @@ def _advance(steps, gen, *pairs):
             opt.step()
 
 
-def test_matches_torch_adam_to_rounding():
-    a, b, ours, ref = _pair()
+@pytest.mark.parametrize("fused", [False, pytest.param(True, marks=pytest.mark.triton)])
+def test_matches_torch_adam_to_rounding(fused):
+    # fused: every update through the Triton kernel (the interpreter on CPU)
+    a, b, ours, ref = _pair(fused=fused)
     gen = torch.Generator().manual_seed(1)
     for step in range(25):
         _advance([step], gen, (a, ours), (b, ref))
@@ -136,3 +142,112 @@ def test_bad_settings():
         SparseAdamB1Zero([torch.zeros(2, requires_grad=True)], lr=0)
     with pytest.raises(ValueError, match="beta2"):
         SparseAdamB1Zero([torch.zeros(2, requires_grad=True)], beta2=1.0)
+
+
+# ------------------------------------------------- the op: adam_b1zero_rows_
+LAYOUTS = [  # (shape, sparse_dim, renorm)
+    ((37, 11), 0, False), ((37, 11), 0, True), ((11, 37), 1, False), ((11, 37), 1, True), ((37,), 0, False),
+    ((11,), None, False),
+]
+
+
+def _op_case(shape, sd, dtype, touch):
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
+    p = torch.randn(shape, generator=g)
+    if sd is not None and len(shape) == 2:
+        p = p / reference.row_view(p, sd).norm(dim=1, keepdim=True).reshape([-1 if d == sd else 1 for d in range(2)])
+    v = torch.rand(shape, generator=g) * 1e-2
+    n_rows = shape[sd] if sd is not None else 1
+    last = torch.randint(0, 7, (n_rows,), generator=g)
+    if sd is None:
+        rows = None
+        grad = torch.randn(1, p.numel(), generator=g)
+    else:
+        rows = {"some": torch.randperm(n_rows, generator=g)[: n_rows // 3].sort().values,
+                "all": torch.arange(n_rows), "none": torch.zeros(0, dtype=torch.int64)}[touch]
+        length = p.numel() // n_rows
+        grad = torch.randn(rows.numel(), length, generator=g)
+    return p.to(dtype), v, last, rows, grad
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("shape,sd,renorm", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("touch", ["some", "all", "none"])
+@pytest.mark.parametrize("beta2", [0.99, 0.0])
+def test_fused_kernel_matches_reference(shape, sd, renorm, dtype, touch, beta2):
+    from sae_fast import triton_kernels as tk
+
+    p, v, last, rows, grad = _op_case(shape, sd, dtype, touch)
+    kw = dict(step=7, lr=3e-2, beta2=beta2, eps=1e-8, sparse_dim=sd, renorm=renorm)
+    # the float64 truth, the reference in the same dtype, the kernel
+    p64, v64, l64 = p.double(), v.double(), last.clone()
+    reference.adam_b1zero_rows_(p64, v64, l64, rows, grad.double(), **kw)
+    pr, vr, lr_ = p.clone(), v.clone(), last.clone()
+    reference.adam_b1zero_rows_(pr, vr, lr_, rows, grad.to(dtype), **kw)
+    pk, vk, lk = p.clone(), v.clone(), last.clone()
+    tk.adam_b1zero_rows_(pk, vk, lk, rows, grad.to(dtype), **kw)
+    assert torch.equal(lk, lr_) and torch.equal(lk, l64)
+    idx = rows if rows is not None else torch.zeros(1, dtype=torch.int64)
+    untouched = torch.ones(last.numel(), dtype=torch.bool)
+    untouched[idx] = False
+    for got, before in ((pk, p), (vk, v)):  # rows not named are not written at all
+        assert torch.equal(reference.row_view(got, sd)[untouched], reference.row_view(before, sd)[untouched])
+    assert_close_as_dense(vk, v64, vr, what="v")
+    assert_close_as_dense(pk, p64, pr, what="param")
+    if renorm and touch != "none":
+        norms = reference.row_view(pk, sd)[idx].float().norm(dim=1)
+        torch.testing.assert_close(norms, torch.ones_like(norms), rtol=2 * torch.finfo(dtype).eps * 11**0.5, atol=0)
+
+
+def test_step_rows_equals_step_with_dense_grads_and_torch_adam():
+    torch.manual_seed(0)
+    sae = JumpReLUSAE(16, 64, backend="torch")
+    lean_sae, ref_sae = JumpReLUSAE(16, 64, backend="torch"), JumpReLUSAE(16, 64, backend="torch")
+    for m in (lean_sae, ref_sae):
+        m.load_state_dict(sae.state_dict())
+    with torch.no_grad():
+        for m in (sae, lean_sae, ref_sae):
+            m.threshold.fill_(2.0)
+    # eps 1e-4: the lean step's sparse gradients and autograd's dense ones differ by
+    # rounding (~1e-7), which Adam would blow up to ~lr where a gradient is ~1e-8 if eps were 1e-8
+    dense_grads = SparseAdamB1Zero.for_sae(sae, lr=1e-3, eps=1e-4)
+    lean = SparseAdamB1Zero.for_sae(lean_sae, lr=1e-3, eps=1e-4)
+    ref = torch.optim.Adam(ref_sae.parameters(), lr=1e-3, betas=(0.0, 0.999), eps=1e-4)
+    for _ in range(12):
+        x = torch.randn(8, 16)
+        for m, opt in ((sae, dense_grads), (ref_sae, ref)):
+            opt.zero_grad()
+            m.training_forward(x, l0_coefficient=1e-2, bandwidth=0.05).loss.backward()
+            opt.step()
+        _, grads = lean_sae.training_row_grads(x, l0_coefficient=1e-2, bandwidth=0.05)
+        assert grads.rows.numel() < 64
+        lean.step_rows(grads)
+    assert (lean.state[lean_sae.W_dec]["last"] < lean.t).any()
+    for (n, p), q, r in zip(lean_sae.named_parameters(), sae.parameters(), ref_sae.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=n)
+        torch.testing.assert_close(p, r, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_renorm_rows_and_step_rows_errors():
+    W = torch.randn(6, 4)
+    W = (W / W.norm(dim=1, keepdim=True)).requires_grad_()
+    b = torch.zeros(4, requires_grad=True)
+    opt = SparseAdamB1Zero([{"params": [W], "sparse_dim": 0, "renorm_rows": True}, {"params": [b], "sparse_dim": None}],
+                           lr=0.1)
+    before = W.detach().clone()
+    opt.step_rows({W: (torch.tensor([1, 4]), torch.randn(2, 4)), b: (None, torch.randn(4))})
+    torch.testing.assert_close(W.detach().norm(dim=1), torch.ones(6))
+    assert torch.equal(W.detach()[[0, 2, 3, 5]], before[[0, 2, 3, 5]]) and not torch.equal(W.detach()[1], before[1])
+    with pytest.raises(ValueError, match="rows must be given exactly for parameters with a sparse_dim"):
+        opt.step_rows({b: (torch.tensor([0]), torch.randn(1, 4))})
+    with pytest.raises(TypeError, match="rows must be a 1-D int64 tensor"):
+        opt.step_rows({W: (torch.tensor([1], dtype=torch.int32), torch.randn(1, 4))})
+    with pytest.raises(ValueError, match="not in this optimizer"):
+        opt.step_rows({torch.zeros(3, requires_grad=True): (None, torch.zeros(3))})
+    with pytest.raises(ValueError, match="needs an optimizer made by SparseAdamB1Zero.for_sae"):
+        opt.step_rows(JumpReLUSAE(4, 6).training_row_grads(torch.randn(2, 4), l0_coefficient=0.1)[1])
+    with pytest.raises(ValueError, match="renorm_rows needs a sparse_dim"):
+        SparseAdamB1Zero([{"params": [b], "sparse_dim": None, "renorm_rows": True}])
+    with pytest.raises(ValueError, match="fused must be"):
+        SparseAdamB1Zero([b], fused="yes")

@@ -110,7 +110,15 @@ def test_touched_features_and_grad_norm():
     ref = sae.training_forward(x, **KW)
     ref.loss.backward()
     norm = torch.stack([prm.grad.float().norm() for prm in sae.parameters()]).norm()
-    torch.testing.assert_close(g.sq_norm().sqrt(), norm)
+    torch.testing.assert_close(g.norm(), norm)
+    # clip_ scales like torch.nn.utils.clip_grad_norm_
+    before = g.dense(D_SAE)
+    torch.testing.assert_close(g.clip_(float(norm) / 4), norm)  # returns the norm before clipping
+    torch.nn.utils.clip_grad_norm_(sae.parameters(), float(norm) / 4)
+    after = g.dense(D_SAE)
+    for k, prm in sae.named_parameters():
+        torch.testing.assert_close(after[k], prm.grad, msg=k)
+        assert not torch.equal(after[k], before[k]) or not before[k].any()
 
 
 def test_row_grads_bad_input():

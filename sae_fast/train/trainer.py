@@ -169,14 +169,10 @@ class Trainer:
         cfg, sae = self.cfg, self.sae
         out, grads = sae.training_row_grads(x, l0_coefficient=lam, bandwidth=cfg.bandwidth)
         if cfg.decoder_unit_norm:
-            grads.W_dec = remove_parallel_component(sae.W_dec, grads.rows, grads.W_dec)
+            remove_parallel_component(sae.W_dec, grads.rows, grads.W_dec)
         if cfg.grad_clip > 0:
-            # torch.nn.utils.clip_grad_norm_'s rule on the global norm; the untouched
-            # rows' gradients are exactly zero and add nothing to it
-            coef = (cfg.grad_clip / (grads.sq_norm().sqrt() + 1e-6)).clamp(max=1.0)
-            for name in ("W_enc", "b_enc", "threshold", "W_dec", "b_dec"):
-                t = getattr(grads, name)
-                setattr(grads, name, (t.float() * coef).to(t.dtype))
+            # the untouched features' gradients are exactly zero and add nothing to the norm
+            grads.clip_(cfg.grad_clip)
         self.opt.step_rows(grads)
         return out
 
