@@ -118,4 +118,52 @@ inline at::ScalarType check_scatter_rows_args(const at::Tensor& coef, const at::
   return grad.scalar_type();
 }
 
+// adam_b1zero_rows_: the rows of param (slices along sparse_dim) as a strided
+// [n_rows, L] view: row j, element i at j * s_row + i * s_col.
+struct RowGeometry {
+  int64_t n_rows, L, s_row, s_col;
+};
+
+inline RowGeometry check_adam_rows_args(const at::Tensor& param, const at::Tensor& v, const at::Tensor& last,
+                                        const c10::optional<at::Tensor>& rows, const at::Tensor& grad,
+                                        c10::optional<int64_t> sparse_dim) {
+  const char* op = "sae_fast::adam_b1zero_rows_";
+  check_float_tensor(param, "param", op);
+  TORCH_CHECK(v.scalar_type() == at::kFloat && v.sizes() == param.sizes() && v.is_contiguous(), op,
+              ": v must be a contiguous float32 tensor of param's shape ", param.sizes(), ", got ", v.scalar_type(),
+              " ", v.sizes());
+  TORCH_CHECK(grad.scalar_type() == param.scalar_type() && grad.is_contiguous(), op,
+              ": grad must be contiguous with param's dtype (", param.scalar_type(), "), got ", grad.scalar_type());
+  TORCH_CHECK(v.device() == param.device() && grad.device() == param.device() && last.device() == param.device(), op,
+              ": param, v, grad and last must share a device");
+  RowGeometry g{1, param.numel(), 0, 1};
+  if (sparse_dim.has_value()) {
+    const int64_t sd = *sparse_dim;
+    TORCH_CHECK((param.dim() == 1 && sd == 0) || (param.dim() == 2 && (sd == 0 || sd == 1)), op,
+                ": sparse_dim must be 0 for a 1-D param or 0/1 for a 2-D param, got ", sd, " for ", param.sizes());
+    TORCH_CHECK(rows.has_value(), op, ": rows are required with a sparse_dim");
+    g.n_rows = param.size(sd);
+    g.L = param.dim() == 1 ? 1 : param.size(1 - sd);
+    g.s_row = param.stride(sd);
+    g.s_col = param.dim() == 1 ? 1 : param.stride(1 - sd);
+  } else {
+    TORCH_CHECK(!rows.has_value(), op, ": rows must be None without a sparse_dim (the whole tensor is one row)");
+  }
+  TORCH_CHECK(last.scalar_type() == at::kLong && last.dim() == 1 && last.size(0) == g.n_rows && last.is_contiguous(),
+              op, ": last must be a contiguous int64 [", g.n_rows, "], got ", last.scalar_type(), " ", last.sizes());
+  const int64_t n = rows.has_value() ? rows->numel() : 1;
+  TORCH_CHECK(grad.numel() == n * g.L, op, ": grad must hold [n_rows touched=", n, ", row length=", g.L,
+              "] elements, got ", grad.sizes());
+  if (rows.has_value()) {
+    const at::Tensor& r = *rows;
+    TORCH_CHECK(r.scalar_type() == at::kLong && r.dim() == 1 && r.is_contiguous() && r.device() == param.device(), op,
+                ": rows must be a contiguous 1-D int64 tensor on param's device, got ", r.scalar_type(), " ", r.sizes());
+    if (r.numel() > 0) {
+      auto bad = r.lt(0).logical_or(r.ge(g.n_rows)).any();
+      TORCH_CHECK(!bad.item<bool>(), op, ": rows must lie in [0, ", g.n_rows, ")");
+    }
+  }
+  return g;
+}
+
 }  // namespace sae_fast

@@ -12,6 +12,12 @@
 //   sparse_scatter_rows(coef[N, K], indices, counts, grad[N, D], d_sae, deterministic) -> [S, D]
 //       G[j] = sum_{(b, k): indices[b, k] = j} coef[b, k] * grad[b]
 //
+// and the fused optimizer step (sae_fast.reference.adam_b1zero_rows_ is its definition):
+//
+//   adam_b1zero_rows_(param!, v!, last!, rows?, grad, step, lr, beta2, eps, sparse_dim?, renorm)
+//       Adam(beta1 = 0) on the touched rows only, with the lazy beta2^k decay of the
+//       steps a row sat out, and optional unit-norm renormalisation of each row
+//
 // The decoder backward is gather_dot (dvalues) + scatter_rows (dW_dec); the
 // encoder backward reuses them with x and W_encᵀ (dW_enc, dx).
 // Index arithmetic is int64 throughout: N * D and S * D exceed 2^31 at 2^20 latents.
@@ -26,6 +32,8 @@
 
 #include "checks.h"
 
+#include <algorithm>
+#include <cmath>
 #include <vector>
 
 namespace sae_fast {
@@ -117,6 +125,42 @@ void scatter_rows_cpu(const T* coef, const int64_t* idx, const int32_t* cnt, con
   });
 }
 
+// One row per iteration: lazy decay, moment, update, (renormalisation), one rounding.
+// Same operation order as the reference; the decay is beta2^missed in double.
+template <typename T>
+void adam_b1zero_rows_cpu_kernel(T* param, float* v, int64_t* last, const int64_t* rows, const T* grad, int64_t n,
+                                 const RowGeometry& g, int64_t step, float lr, float beta2, float omb2, float eps,
+                                 float bc2_sqrt, bool renorm) {
+  at::parallel_for(0, n, std::max<int64_t>(1, 16384 / std::max<int64_t>(g.L, 1)), [&](int64_t r0, int64_t r1) {
+    std::vector<float> buf(renorm ? g.L : 0);
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t j = rows ? rows[r] : r;
+      const int64_t missed = step - 1 - last[j];
+      const float decay = static_cast<float>(std::pow(static_cast<double>(beta2), static_cast<double>(missed)));
+      const T* gr = grad + r * g.L;
+      double sq = 0.0;
+      for (int64_t i = 0; i < g.L; ++i) {
+        const int64_t off = j * g.s_row + i * g.s_col;
+        const float gi = tof(gr[i]);
+        const float vi = v[off] * decay * beta2 + omb2 * gi * gi;
+        v[off] = vi;
+        const float pi = tof(param[off]) - lr * (gi / (std::sqrt(vi) / bc2_sqrt + eps));
+        if (renorm) {
+          buf[i] = pi;
+          sq += static_cast<double>(pi) * pi;
+        } else {
+          param[off] = static_cast<T>(pi);
+        }
+      }
+      if (renorm) {
+        const float nrm = std::max(static_cast<float>(std::sqrt(sq)), 1e-12f);
+        for (int64_t i = 0; i < g.L; ++i) param[j * g.s_row + i * g.s_col] = static_cast<T>(buf[i] / nrm);
+      }
+      last[j] = step;
+    }
+  });
+}
+
 #define SAE_FAST_DISPATCH_FLOAT(st, NAME, ...)                                   \
   [&] {                                                                          \
     switch (st) {                                                                \
@@ -181,6 +225,23 @@ at::Tensor sparse_scatter_rows_cpu(const at::Tensor& coef, const at::Tensor& ind
   return out;
 }
 
+void adam_b1zero_rows_cpu(const at::Tensor& param, const at::Tensor& v, const at::Tensor& last,
+                          const c10::optional<at::Tensor>& rows, const at::Tensor& grad, int64_t step, double lr,
+                          double beta2, double eps, c10::optional<int64_t> sparse_dim, bool renorm) {
+  const char* op = "sae_fast::adam_b1zero_rows_";
+  const RowGeometry g = check_adam_rows_args(param, v, last, rows, grad, sparse_dim);
+  const int64_t n = rows.has_value() ? rows->numel() : 1;
+  if (n == 0 || g.L == 0) return;
+  const float bc2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(beta2, static_cast<double>(step))));
+  SAE_FAST_DISPATCH_FLOAT(param.scalar_type(), op, [&] {
+    adam_b1zero_rows_cpu_kernel<scalar_t>(param.data_ptr<scalar_t>(), v.data_ptr<float>(), last.data_ptr<int64_t>(),
+                                          rows.has_value() ? rows->data_ptr<int64_t>() : nullptr,
+                                          grad.data_ptr<scalar_t>(), n, g, step, static_cast<float>(lr),
+                                          static_cast<float>(beta2), static_cast<float>(1.0 - beta2),
+                                          static_cast<float>(eps), bc2_sqrt, renorm);
+  });
+}
+
 }  // namespace
 
 #ifdef SAE_FAST_WITH_CUDA
@@ -190,6 +251,8 @@ at::Tensor sparse_decode_cuda(const at::Tensor&, const at::Tensor&, const at::Te
 at::Tensor sparse_gather_dot_cuda(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&);
 at::Tensor sparse_scatter_rows_cuda(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                     int64_t, bool);
+void adam_b1zero_rows_cuda(const at::Tensor&, const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
+                           const at::Tensor&, int64_t, double, double, double, c10::optional<int64_t>, bool);
 #endif
 
 TORCH_LIBRARY(sae_fast, m) {
@@ -200,12 +263,16 @@ TORCH_LIBRARY(sae_fast, m) {
   m.def(
       "sparse_scatter_rows(Tensor coef, Tensor indices, Tensor counts, Tensor grad, int d_sae, "
       "bool deterministic=True) -> Tensor");
+  m.def(
+      "adam_b1zero_rows_(Tensor(a!) param, Tensor(b!) v, Tensor(c!) last, Tensor? rows, Tensor grad, int step, "
+      "float lr, float beta2, float eps, int? sparse_dim, bool renorm) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(sae_fast, CPU, m) {
   m.impl("sparse_decode", &sparse_decode_cpu);
   m.impl("sparse_gather_dot", &sparse_gather_dot_cpu);
   m.impl("sparse_scatter_rows", &sparse_scatter_rows_cpu);
+  m.impl("adam_b1zero_rows_", &adam_b1zero_rows_cpu);
 }
 
 #ifdef SAE_FAST_WITH_CUDA
@@ -213,6 +280,7 @@ TORCH_LIBRARY_IMPL(sae_fast, CUDA, m) {
   m.impl("sparse_decode", &sparse_decode_cuda);
   m.impl("sparse_gather_dot", &sparse_gather_dot_cuda);
   m.impl("sparse_scatter_rows", &sparse_scatter_rows_cuda);
+  m.impl("adam_b1zero_rows_", &adam_b1zero_rows_cuda);
 }
 #endif
 

@@ -6,6 +6,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <cmath>
+
 #include "checks.h"
 #include "sparse_ops.cuh"
 
@@ -86,6 +88,24 @@ at::Tensor sparse_scatter_rows_cuda(const at::Tensor& coef, const at::Tensor& in
                                                                grad.data_ptr(), out.data_ptr(), d_sae, K, D, stream),
                op);
   return out;
+}
+
+void adam_b1zero_rows_cuda(const at::Tensor& param, const at::Tensor& v, const at::Tensor& last,
+                           const c10::optional<at::Tensor>& rows, const at::Tensor& grad, int64_t step, double lr,
+                           double beta2, double eps, c10::optional<int64_t> sparse_dim, bool renorm) {
+  const RowGeometry g = check_adam_rows_args(param, v, last, rows, grad, sparse_dim);
+  c10::cuda::CUDAGuard guard(param.device());
+  const int64_t n = rows.has_value() ? rows->numel() : 1;
+  const float bc2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(beta2, static_cast<double>(step))));
+  check_launch(sae_fast_kernels::adam_b1zero_rows(kdtype(param.scalar_type()), param.data_ptr(), v.data_ptr<float>(),
+                                                  last.data_ptr<int64_t>(),
+                                                  rows.has_value() ? rows->data_ptr<int64_t>() : nullptr,
+                                                  grad.data_ptr(), n, g.L, g.s_row, g.s_col, step,
+                                                  static_cast<float>(lr), static_cast<float>(beta2),
+                                                  static_cast<float>(1.0 - beta2), static_cast<float>(eps), bc2_sqrt,
+                                                  renorm,
+                                                  c10::cuda::getCurrentCUDAStream()),
+               "sae_fast::adam_b1zero_rows_");
 }
 
 }  // namespace sae_fast

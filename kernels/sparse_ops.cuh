@@ -39,4 +39,14 @@ cudaError_t sparse_scatter_rows_atomic(DType t, const int64_t* indices, const in
                                        const void* grad, float* workspace, int64_t N, int64_t K, int64_t S,
                                        int64_t D, cudaStream_t stream);
 
+// Fused Adam(beta1 = 0) on the touched rows of a parameter (sae_fast.reference.adam_b1zero_rows_):
+// row j = rows[r] (or r when rows is null), element i at param[j * s_row + i * s_col] (same
+// offsets in v, float32); grad [n, L] in param's dtype t. Per row: v *= beta2^(step-1-last[j]),
+// v = beta2 v + (1-beta2) g², p -= lr g / (sqrt(v)/bc2_sqrt + eps), with renorm p /= ||p||,
+// one rounding to t; then last[j] = step. rows must be unique. one_minus_beta2 comes from the
+// host in double precision (1 - float(beta2) would be off by 1e-6 relative at beta2 = 0.99).
+cudaError_t adam_b1zero_rows(DType t, void* param, float* v, int64_t* last, const int64_t* rows, const void* grad,
+                             int64_t n, int64_t L, int64_t s_row, int64_t s_col, int64_t step, float lr, float beta2,
+                             float one_minus_beta2, float eps, float bc2_sqrt, bool renorm, cudaStream_t stream);
+
 }  // namespace sae_fast_kernels

@@ -183,20 +183,24 @@ class DenseCompiled(DenseEager):
 
 
 class SAEFast:
+    """A sae_fast backend. Its training step is the product's: the lean step
+    (JumpReLUSAE.training_row_grads, gradients for the touched features only) and the
+    row-sparse exact Adam(beta1 = 0) (SparseAdamB1Zero.step_rows, fused on CUDA)."""
+
     sparse_io = True
 
     def __init__(self, wl: Workload, backend: str):
+        from .optim import SparseAdamB1Zero
+
         self.name = f"sae_fast {backend}"
         self.sae = wl.sae(backend)
-        self.opt = _adam(self.sae.parameters())
+        self.opt = SparseAdamB1Zero.for_sae(self.sae, lr=1e-5, beta2=0.999)
         sae = self.sae
 
         def step(x):
-            self.opt.zero_grad(set_to_none=True)
-            out = sae.training_forward(x, l0_coefficient=1e-3, bandwidth=1e-3).loss
-            out.backward()
-            self.opt.step()
-            return out
+            out, grads = sae.training_row_grads(x, l0_coefficient=1e-3, bandwidth=1e-3)
+            self.opt.step_rows(grads)
+            return out.loss
 
         self.fns = {"encode": sae.encode, "encode_sparse": sae.encode_sparse, "decode": sae.decode,
                     "forward": sae.forward, "train_step": step}
@@ -291,10 +295,11 @@ def op_model(op: str, s: Shape) -> tuple[float, float]:
         return dec_f, dec_b
     if op == "forward":
         return enc_f + dec_f, enc_b + dec_b
-    # train step: encoder GEMM + sparse backward (~2x decode-sized gathers/scatters for each of W_dec, W_enc)
-    # + Adam over both matrices (read param, grad, moment; write param, moment; fp32 moment)
-    params = 2 * d * S
-    return enc_f + 4 * dec_f, enc_b + 4 * dec_b + params * (3 * b + 2 * 4)
+    # train step (the lean step): encoder GEMM + sparse backward (~2x decode-sized
+    # gathers/scatters for each of W_dec, W_enc) + the row-sparse Adam over the touched
+    # rows of both matrices only (read and write the param and its float32 moment, read the grad)
+    touched = 2 * d * dec_rows
+    return enc_f + 4 * dec_f, enc_b + 4 * dec_b + touched * (3 * b + 2 * 4)
 
 
 def _close(a, ref, dtype) -> bool:

@@ -112,8 +112,10 @@ def _add_train(sub) -> None:
     g.add_argument("--adam-beta1", type=float, default=d.adam_beta1, help="Adam beta1 (Gemma Scope: 0)")
     g.add_argument("--adam-beta2", type=float, default=d.adam_beta2, help="Adam beta2")
     g.add_argument("--grad-clip", type=float, default=d.grad_clip, help="gradient norm clip (0: off)")
-    g.add_argument("--optimizer", choices=("adam", "sparse-adam"), default=d.optimizer,
-                   help="sparse-adam: exact Adam(beta1=0) that updates only touched rows, decaying the rest lazily")
+    g.add_argument("--optimizer", choices=("auto", "adam", "sparse-adam"), default=d.optimizer,
+                   help="sparse-adam: the lean step, gradients for the touched features only, and exact "
+                        "Adam(beta1=0) updating only those rows (the rest decay lazily); adam: autograd + "
+                        "torch.optim.Adam; auto: sparse-adam when --adam-beta1 is 0, else adam")
     g.add_argument("--no-decoder-norm", action="store_true", help="do not keep decoder rows at unit norm")
     g.add_argument("--apply-b-dec-to-input", action="store_true", help="subtract b_dec from the input (SAELens option)")
     g.add_argument("--target-l0", type=float, default=None, help="report L0 against this target")

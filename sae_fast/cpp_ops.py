@@ -94,6 +94,11 @@ def _register_ops() -> None:
     global _OPS_READY
     if not _OPS_READY:
         register_sparse_prims_meta("sae_fast")
+
+        @torch.library.register_fake("sae_fast::adam_b1zero_rows_")
+        def _(param, v, last, rows, grad, step, lr, beta2, eps, sparse_dim, renorm):
+            return None
+
         _OPS_READY = True
 
 

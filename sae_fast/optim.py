@@ -15,10 +15,14 @@ ordinary `.grad` tensors (`step()`: a slice is touched when any entry is
 nonzero) or compact, for the touched rows only (`step_rows()`, fed by
 JumpReLUSAE.training_row_grads: no full-size gradient ever exists).
 
-Every update runs through one op, adam_b1zero_rows_: the fused Triton kernel on
-CUDA tensors (one pass over each touched row: lazy decay, moment, update, and
-the unit-norm renormalisation of param groups with `renorm_rows=True`), the
-pure-PyTorch reference (sae_fast.reference.adam_b1zero_rows_) elsewhere.
+Every update runs through one op, adam_b1zero_rows_, chosen like every sae_fast
+op (`backend`, default "auto": triton, then cuda on CUDA tensors; cpu on CPU
+tensors; torch where nothing compiled is available): the fused Triton kernel
+sae_fast_triton::adam_b1zero_rows_, the C++/CUDA sae_fast::adam_b1zero_rows_
+(kernels/sparse_ops.cu, csrc/sparse_ops.cpp), or the pure-PyTorch reference
+sae_fast.reference.adam_b1zero_rows_. Each makes one pass over each touched row:
+lazy decay, moment, update, and the unit-norm renormalisation of param groups
+with `renorm_rows=True`.
 State: v (float32, the parameter's shape) and last (int64 per row: the step v
 is up to date with). A step in which a parameter has no gradient counts as a
 zero-gradient step for it (its v decays), for dense parameters too.
@@ -34,42 +38,50 @@ from .sparse_train import RowGrads
 _SAE_NAMES = ("W_enc", "b_enc", "threshold", "W_dec", "b_dec")
 
 
-def _fused_available(t: torch.Tensor) -> bool:
-    if t.device.type != "cuda":
-        return False
-    try:
-        from . import triton_ops  # noqa: F401
-    except Exception:  # pragma: no cover - depends on the install
-        return False
-    return True
+def _impl(backend: str, device: torch.device):
+    """The adam_b1zero_rows_ implementation for `backend` on `device` (backends.resolve rules)."""
+    from . import backends
+
+    name = backends.resolve(backend, device)
+    if name == "triton":
+        from . import triton_ops  # noqa: F401  (registers the op)
+
+        return torch.ops.sae_fast_triton.adam_b1zero_rows_
+    if name in ("cpu", "cuda"):
+        from . import cpp_ops
+
+        cpp_ops._register_ops()
+        return torch.ops.sae_fast.adam_b1zero_rows_
+    return None  # torch: the reference
 
 
 class SparseAdamB1Zero(torch.optim.Optimizer):
-    """fused: "auto" (Triton kernel on CUDA tensors when Triton is installed, else the
-    reference), True (always the Triton op; on CPU tensors only under TRITON_INTERPRET=1),
-    or False (always the reference)."""
+    """backend: which adam_b1zero_rows_ runs ("auto", "torch", "triton", "cuda", "cpu")."""
 
     def __init__(self, params, lr: float = 7e-5, beta2: float = 0.999, eps: float = 1e-8,
-                 sparse_dim: int | None = 0, renorm_rows: bool = False, fused: bool | str = "auto"):
+                 sparse_dim: int | None = 0, renorm_rows: bool = False, backend: str = "auto"):
         if not lr > 0:
             raise ValueError(f"lr must be positive, got {lr!r}")
         if not 0 <= beta2 < 1:
             raise ValueError(f"beta2 must be in [0, 1), got {beta2!r}")
         if not eps >= 0:
             raise ValueError(f"eps must be non-negative, got {eps!r}")
-        if fused not in ("auto", True, False):
-            raise ValueError(f"fused must be 'auto', True or False, got {fused!r}")
+        from . import backends
+
+        backends.check_backend_name(backend)
         super().__init__(params, dict(lr=lr, beta2=beta2, eps=eps, sparse_dim=sparse_dim, renorm_rows=renorm_rows))
         for g in self.param_groups:
             if g["renorm_rows"] and g["sparse_dim"] is None:
                 raise ValueError("renorm_rows needs a sparse_dim (the rows to renormalise)")
-        self.fused = fused
+        self.backend = backend
+        self._impls: dict = {}
         self.t = 0  # global step count
         self.sae_params: dict[str, torch.nn.Parameter] = {}
 
     @classmethod
     def for_sae(cls, sae, *, decoder_unit_norm: bool = False, **kw) -> "SparseAdamB1Zero":
-        """Param groups of a JumpReLUSAE with the right sparse dimension for each parameter.
+        """Param groups of a JumpReLUSAE with the right sparse dimension for each parameter
+        (and the SAE's backend unless `backend` is given).
         decoder_unit_norm: renormalise the W_dec rows a step changes to unit norm, inside
         the optimizer step (the parallel-gradient removal stays with the caller, before
         any clipping: see remove_parallel_component)."""
@@ -78,7 +90,7 @@ class SparseAdamB1Zero(torch.optim.Optimizer):
             {"params": [sae.b_enc, sae.threshold], "sparse_dim": 0},
             {"params": [sae.W_enc], "sparse_dim": 1},
             {"params": [sae.b_dec], "sparse_dim": None},
-        ], **kw)
+        ], **{"backend": sae.backend, **kw})
         opt.sae_params = {n: getattr(sae, n) for n in _SAE_NAMES}
         return opt
 
@@ -92,16 +104,17 @@ class SparseAdamB1Zero(torch.optim.Optimizer):
 
     def _update(self, group, p, rows, grad):
         st = self._state(p, group["sparse_dim"])
-        use_fused = self.fused is True or (self.fused == "auto" and _fused_available(p))
-        kw = dict(step=self.t, lr=group["lr"], beta2=group["beta2"], eps=group["eps"], sparse_dim=group["sparse_dim"],
-                  renorm=group["renorm_rows"])
-        if use_fused and p.is_contiguous():
-            from . import triton_ops  # noqa: F401  (registers the op)
-
-            torch.ops.sae_fast_triton.adam_b1zero_rows_(p, st["v"], st["last"], rows, grad, kw["step"], kw["lr"],
-                                                        kw["beta2"], kw["eps"], kw["sparse_dim"], kw["renorm"])
+        if p.device not in self._impls:
+            self._impls[p.device] = _impl(self.backend, p.device)
+        impl = self._impls[p.device]
+        grad = grad.to(p.dtype).contiguous()
+        if impl is not None and p.is_contiguous():
+            impl(p, st["v"], st["last"], rows, grad, self.t, group["lr"], group["beta2"], group["eps"],
+                 group["sparse_dim"], group["renorm_rows"])
         else:
-            reference.adam_b1zero_rows_(p, st["v"], st["last"], rows, grad, **kw)
+            reference.adam_b1zero_rows_(p, st["v"], st["last"], rows, grad, step=self.t, lr=group["lr"],
+                                        beta2=group["beta2"], eps=group["eps"], sparse_dim=group["sparse_dim"],
+                                        renorm=group["renorm_rows"])
 
     def _group_of(self, p):
         for g in self.param_groups:

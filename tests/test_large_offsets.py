@@ -82,6 +82,15 @@ def test_triton_encoder_on_the_last_columns_of_a_wide_W_enc():
 
 def _optim_impls():
     out = [("reference", reference.adam_b1zero_rows_)]
+    if backends.unavailable_reason("cpu", "cpu") is None:
+        import sae_fast.cpp_ops as cpp
+
+        cpp._register_ops()
+
+        def cpu(p, v, last, rows, grad, *, step, lr, beta2, eps, sparse_dim):
+            torch.ops.sae_fast.adam_b1zero_rows_(p, v, last, rows, grad, step, lr, beta2, eps, sparse_dim, False)
+
+        out.append(("cpu", cpu))
     if backends.unavailable_reason("triton", "cpu") is None:
         from sae_fast import triton_kernels as tk
 
@@ -101,7 +110,7 @@ def test_optimizer_rows_past_2_31(name, impl):
         v[:, j] = torch.rand(D_IN)
     last[rows] = torch.tensor([2, 0, 4])
     before_p, before_v = W_enc[:, rows].clone(), v[:, rows].clone()
-    grad = torch.randn(3, D_IN)
+    grad = torch.randn(3, D_IN).bfloat16()  # gradients come in the param's dtype
     kw = dict(step=5, lr=1e-2, beta2=0.99, eps=1e-8)
     impl(W_enc, v, last, rows, grad, sparse_dim=1, **kw)
     # the same update on a small copy of just these columns

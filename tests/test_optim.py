@@ -31,15 +31,15 @@ def _grads(step, gen, touch=0.3, idle_rows=(3, 5)):
     return [g0, g1, g2, g3]
 
 
-def _ours(params, lr=1e-2, b2=0.99, fused=False):
+def _ours(params, lr=1e-2, b2=0.99, backend="torch"):
     return SparseAdamB1Zero([{"params": [p], "sparse_dim": d} for p, d in zip(params, SPARSE_DIMS)], lr=lr, beta2=b2,
-                            fused=fused)
+                            backend=backend)
 
 
-def _pair(lr=1e-2, b2=0.99, fused=False):
+def _pair(lr=1e-2, b2=0.99, backend="torch"):
     a = [p.clone().requires_grad_() for p in _params()]
     b = [p.clone().requires_grad_() for p in _params()]
-    return a, b, _ours(a, lr, b2, fused), torch.optim.Adam(b, lr=lr, betas=(0.0, b2))
+    return a, b, _ours(a, lr, b2, backend), torch.optim.Adam(b, lr=lr, betas=(0.0, b2))
 
 
 def _feed(params, grads):
@@ -56,10 +56,11 @@ def _advance(steps, gen, *pairs):
             opt.step()
 
 
-@pytest.mark.parametrize("fused", [False, pytest.param(True, marks=pytest.mark.triton)])
-def test_matches_torch_adam_to_rounding(fused):
-    # fused: every update through the Triton kernel (the interpreter on CPU)
-    a, b, ours, ref = _pair(fused=fused)
+@pytest.mark.parametrize("backend", ["torch", "cpu", pytest.param("triton", marks=pytest.mark.triton)])
+def test_matches_torch_adam_to_rounding(backend):
+    # every update through one implementation of adam_b1zero_rows_ (triton: the interpreter on CPU)
+    _skip_unavailable(backend)
+    a, b, ours, ref = _pair(backend=backend)
     gen = torch.Generator().manual_seed(1)
     for step in range(25):
         _advance([step], gen, (a, ours), (b, ref))
@@ -170,14 +171,37 @@ def _op_case(shape, sd, dtype, touch):
     return p.to(dtype), v, last, rows, grad
 
 
-@pytest.mark.triton
+def _skip_unavailable(backend):
+    from sae_fast import backends
+
+    why = backends.unavailable_reason(backend, "cpu")
+    if why:
+        pytest.skip(f"backend {backend}: {why}")
+
+
+def _kernel(backend):
+    _skip_unavailable(backend)
+    if backend == "triton":
+        from sae_fast import triton_kernels as tk
+
+        return tk.adam_b1zero_rows_
+    from sae_fast import cpp_ops
+
+    cpp_ops._register_ops()
+
+    def cpu(p, v, last, rows, grad, *, step, lr, beta2, eps, sparse_dim, renorm):
+        torch.ops.sae_fast.adam_b1zero_rows_(p, v, last, rows, grad, step, lr, beta2, eps, sparse_dim, renorm)
+
+    return cpu
+
+
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=pytest.mark.triton)])
 @pytest.mark.parametrize("shape,sd,renorm", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("touch", ["some", "all", "none"])
 @pytest.mark.parametrize("beta2", [0.99, 0.0])
-def test_fused_kernel_matches_reference(shape, sd, renorm, dtype, touch, beta2):
-    from sae_fast import triton_kernels as tk
-
+def test_fused_kernel_matches_reference(backend, shape, sd, renorm, dtype, touch, beta2):
+    kernel = _kernel(backend)
     p, v, last, rows, grad = _op_case(shape, sd, dtype, touch)
     kw = dict(step=7, lr=3e-2, beta2=beta2, eps=1e-8, sparse_dim=sd, renorm=renorm)
     # the float64 truth, the reference in the same dtype, the kernel
@@ -186,7 +210,7 @@ def test_fused_kernel_matches_reference(shape, sd, renorm, dtype, touch, beta2):
     pr, vr, lr_ = p.clone(), v.clone(), last.clone()
     reference.adam_b1zero_rows_(pr, vr, lr_, rows, grad.to(dtype), **kw)
     pk, vk, lk = p.clone(), v.clone(), last.clone()
-    tk.adam_b1zero_rows_(pk, vk, lk, rows, grad.to(dtype), **kw)
+    kernel(pk, vk, lk, rows, grad.to(dtype), **kw)
     assert torch.equal(lk, lr_) and torch.equal(lk, l64)
     idx = rows if rows is not None else torch.zeros(1, dtype=torch.int64)
     untouched = torch.ones(last.numel(), dtype=torch.bool)
@@ -249,5 +273,26 @@ def test_renorm_rows_and_step_rows_errors():
         opt.step_rows(JumpReLUSAE(4, 6).training_row_grads(torch.randn(2, 4), l0_coefficient=0.1)[1])
     with pytest.raises(ValueError, match="renorm_rows needs a sparse_dim"):
         SparseAdamB1Zero([{"params": [b], "sparse_dim": None, "renorm_rows": True}])
-    with pytest.raises(ValueError, match="fused must be"):
-        SparseAdamB1Zero([b], fused="yes")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        SparseAdamB1Zero([b], backend="fast")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape,sd,renorm", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_kernel_matches_reference(shape, sd, renorm, dtype):
+    from sae_fast import cpp_ops
+
+    cpp_ops._register_ops()
+    p, v, last, rows, grad = _op_case(shape, sd, dtype, "some")
+    kw = dict(step=7, lr=3e-2, beta2=0.99, eps=1e-8, sparse_dim=sd, renorm=renorm)
+    p64, v64, l64 = p.double(), v.double(), last.clone()
+    reference.adam_b1zero_rows_(p64, v64, l64, rows, grad.double(), **kw)
+    pr, vr, lr_ = p.clone(), v.clone(), last.clone()
+    reference.adam_b1zero_rows_(pr, vr, lr_, rows, grad.to(dtype), **kw)
+    pk, vk, lk = p.cuda(), v.cuda(), last.cuda()
+    torch.ops.sae_fast.adam_b1zero_rows_(pk, vk, lk, rows.cuda() if rows is not None else None, grad.to(dtype).cuda(),
+                                         7, 3e-2, 0.99, 1e-8, sd, renorm)
+    assert torch.equal(lk.cpu(), l64)
+    assert_close_as_dense(vk.cpu(), v64, vr, what="v")
+    assert_close_as_dense(pk.cpu(), p64, pr, what="param")

@@ -126,8 +126,13 @@ def _run_steps(cfg, n, trainer=None):
 
 
 def test_resume_is_exact(tmp_path):
+    # A resumed run continues bit for bit as the run that wrote the checkpoint did.
+    # (Writing one flushes sparse-adam's lazy decays, a rounding-level change, so the
+    # uninterrupted run here writes its checkpoint at step 13 too, as checkpoint_every would.)
     cfg = small_cfg(tmp_path, tokens=64 * 30)
-    straight = _run_steps(cfg, 30)
+    straight = _run_steps(cfg, 13)
+    straight.save_checkpoint(str(tmp_path / "straight_13"))
+    _run_steps(cfg, 30, straight)
     first = _run_steps(cfg, 13)
     ckpt = first.save_checkpoint(str(tmp_path / "checkpoints" / "step_000000013"))
     resumed = Trainer(cfg, _synthetic(), 24, device=torch.device("cpu"))
@@ -140,7 +145,7 @@ def test_resume_is_exact(tmp_path):
 
 
 def test_train_resume_flag_continues_to_the_same_weights(tmp_path):
-    a = train(small_cfg(tmp_path / "a", tokens=64 * 24), source=_synthetic(), d_in=24)
+    a = train(small_cfg(tmp_path / "a", tokens=64 * 24, checkpoint_every=10), source=_synthetic(), d_in=24)
     part = small_cfg(tmp_path / "b", tokens=64 * 24, checkpoint_every=10)
     t = _run_steps(part, 10)
     t.save_checkpoint(str(tmp_path / "b" / "checkpoints" / "step_000000010"))
@@ -214,22 +219,39 @@ def test_readme_documents_every_flag(command):
 def test_sparse_adam_trainer_matches_adam_and_resumes_exactly(tmp_path):
     # a sparse regime (recipe threshold init is low; raise it) so most rows sit steps out
     kw = dict(tokens=64 * 16, threshold_init=0.5, l0_coefficient=0.01)
-    dense = _run_steps(small_cfg(tmp_path, **kw), 8)
-    sparse = _run_steps(small_cfg(tmp_path, optimizer="sparse-adam", **kw), 8)
+    dense = _run_steps(small_cfg(tmp_path, optimizer="adam", **kw), 8)
+    sparse = _run_steps(small_cfg(tmp_path, **kw), 8)
+    assert sparse.optimizer == "sparse-adam"  # auto: the recipe's beta1 = 0
+    assert all(p.grad is None for p in sparse.sae.parameters())  # the lean step: no full-size gradient
     assert (sparse.opt.state[sparse.sae.W_dec]["last"] < sparse.opt.t).any()  # lazy rows existed
     for (n, a), b in zip(dense.sae.named_parameters(), sparse.sae.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=n)
     torch.testing.assert_close(sparse.sae.W_dec.norm(dim=1), torch.ones(64))
-    cfg = small_cfg(tmp_path, optimizer="sparse-adam", **kw)
-    straight = _run_steps(cfg, 16)
+    # a checkpoint flushes the lazy decays: its moments are dense Adam's
     ck = sparse.save_checkpoint(str(tmp_path / "ck"))
+    assert (sparse.opt.state[sparse.sae.W_dec]["last"] == sparse.opt.t).all()
+    saved = torch.load(os.path.join(ck, "trainer_state.pt"), weights_only=False)["optimizer"]["state"]
+    for i, p in enumerate(dense.sae.parameters()):
+        mine = next(v["v"] for k, v in saved.items() if v["v"].shape == p.shape and k == _index_of(sparse, i))
+        torch.testing.assert_close(mine, dense.opt.state[p]["exp_avg_sq"], rtol=1e-3, atol=1e-9)
+    # resume: the same weights as the run that wrote the checkpoint and went on
+    cfg = small_cfg(tmp_path, **kw)
     resumed = Trainer(cfg, _synthetic(), 24, device=torch.device("cpu"))
     resumed.load_checkpoint(ck)
     _run_steps(cfg, 16, resumed)
-    for (n, a), b in zip(straight.sae.named_parameters(), resumed.sae.parameters()):
+    _run_steps(cfg, 16, sparse)
+    for (n, a), b in zip(sparse.sae.named_parameters(), resumed.sae.parameters()):
         assert torch.equal(a, b), n
     with pytest.raises(ValueError, match="sparse-adam is Adam with beta1 = 0"):
         small_cfg(tmp_path, optimizer="sparse-adam", adam_beta1=0.9).validate()
+    assert small_cfg(tmp_path, adam_beta1=0.9).resolved_optimizer == "adam"
+
+
+def _index_of(trainer, i):
+    """The optimizer state key of the i-th parameter of trainer.sae (named_parameters order)."""
+    p = list(trainer.sae.parameters())[i]
+    order = [q for g in trainer.opt.param_groups for q in g["params"]]
+    return next(k for k, q in enumerate(order) if q is p)
 
 
 def test_saved_dataset_and_directory_sources(tmp_path):

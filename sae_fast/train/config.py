@@ -45,7 +45,10 @@ class TrainConfig:
     adam_beta1: float = 0.0
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
-    optimizer: str = "adam"  # adam (torch.optim.Adam) or sparse-adam (row-sparse, lazy, exact Adam with beta1 = 0)
+    # auto: sparse-adam when adam_beta1 == 0 (the recipe), else adam.
+    # sparse-adam: the lean step (gradients for the touched features only) and the
+    # row-sparse, lazily decayed, exact Adam(beta1 = 0); adam: autograd + torch.optim.Adam.
+    optimizer: str = "auto"
     grad_clip: float = 1.0  # 0 disables
     decoder_unit_norm: bool = True  # unit-norm W_dec rows, gradient parallel to each row removed
     target_l0: float | None = None  # only reported
@@ -86,13 +89,19 @@ class TrainConfig:
             raise ValueError(f"buffer-tokens ({self.buffer_tokens}) must be at least batch-size ({self.batch_size})")
         if self.dtype not in ("float32", "bfloat16", "float16") or self.model_dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError("dtype and model-dtype must be float32, bfloat16 or float16")
-        if self.optimizer not in ("adam", "sparse-adam"):
-            raise ValueError(f"optimizer must be adam or sparse-adam, got {self.optimizer!r}")
+        if self.optimizer not in ("auto", "adam", "sparse-adam"):
+            raise ValueError(f"optimizer must be auto, adam or sparse-adam, got {self.optimizer!r}")
         if self.optimizer == "sparse-adam" and self.adam_beta1 != 0:
             raise ValueError(f"optimizer sparse-adam is Adam with beta1 = 0; got adam-beta1={self.adam_beta1}")
         if self.checkpoint_every < 0 or self.eval_contexts < 0:
             raise ValueError("checkpoint-every and eval-contexts must be non-negative")
         return self
+
+    @property
+    def resolved_optimizer(self) -> str:
+        if self.optimizer == "auto":
+            return "sparse-adam" if self.adam_beta1 == 0 else "adam"
+        return self.optimizer
 
     @property
     def steps(self) -> int:

@@ -86,7 +86,8 @@ class Trainer:
         self.sae = JumpReLUSAE(d_in, cfg.d_sae, dtype=_DTYPES[cfg.dtype], device=self.device, backend=cfg.backend,
                                apply_b_dec_to_input=cfg.apply_b_dec_to_input)
         self.sae.reset_parameters(threshold_init=cfg.threshold_init)
-        if cfg.optimizer == "sparse-adam":
+        self.optimizer = cfg.resolved_optimizer
+        if self.optimizer == "sparse-adam":
             from ..optim import SparseAdamB1Zero
 
             # the W_dec rows a step changes are renormalised inside the fused step
@@ -121,7 +122,7 @@ class Trainer:
         lr = lr_at(self.step, cfg)
         for g in self.opt.param_groups:
             g["lr"] = lr
-        if cfg.optimizer == "sparse-adam":
+        if self.optimizer == "sparse-adam":
             out = self._lean_step(x, lam)
         else:
             out = self._dense_step(x, lam)
@@ -196,6 +197,11 @@ class Trainer:
     def save_checkpoint(self, path: str) -> str:
         """SAELens layout (folded weights, usable as is) + trainer_state.pt (exact resume).
         Written to a temporary directory, then renamed: never half-written."""
+        if hasattr(self.opt, "flush"):
+            # Apply the pending lazy decays: the saved second moments are exactly dense
+            # Adam's (loadable into torch.optim.Adam). Done on the live state, so the run
+            # that writes a checkpoint and a run resumed from it continue bit for bit alike.
+            self.opt.flush()
         tmp = path + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
