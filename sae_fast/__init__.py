@@ -13,22 +13,33 @@ from . import backends, reference  # noqa: E402
 from ._ext import load_extension as _load_extension, load_triton as _load_triton  # noqa: E402
 from ._info import info  # noqa: E402
 from .modules import JumpReLUSAE  # noqa: E402
-from .ops import jumprelu_encode, jumprelu_encode_sparse, jumprelu_sae_loss, sparse_decode  # noqa: E402
+from .ops import (  # noqa: E402
+    jumprelu_encode,
+    jumprelu_encode_sparse,
+    jumprelu_sae_loss,
+    jumprelu_sae_row_grads,
+    sparse_decode,
+)
+from .optim import SparseAdamB1Zero  # noqa: E402
 from .outputs import TrainingOutput  # noqa: E402
 from .sparse import SparseActs  # noqa: E402
+from .sparse_train import RowGrads  # noqa: E402
 
 _load_extension()
 _load_triton()
 
 __all__ = [
     "JumpReLUSAE",
+    "RowGrads",
     "SparseActs",
+    "SparseAdamB1Zero",
     "TrainingOutput",
     "backends",
     "info",
     "jumprelu_encode",
     "jumprelu_encode_sparse",
     "jumprelu_sae_loss",
+    "jumprelu_sae_row_grads",
     "reference",
     "sparse_decode",
 ]

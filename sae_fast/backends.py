@@ -128,7 +128,8 @@ class TorchBackend:
             l0_coefficient=l0_coefficient, bandwidth=bandwidth, apply_b_dec_to_input=apply_b_dec_to_input,
         )
 
-    def row_grads(self, x, W_enc, b_enc, threshold, W_dec, b_dec, l0_coefficient, bandwidth, apply_b_dec_to_input):
+    def row_grads(self, x, W_enc, b_enc, threshold, W_dec, b_dec, l0_coefficient, bandwidth, apply_b_dec_to_input,
+                  dense=None):
         # The sparse step in plain torch ops: chunked dense-GEMM encoder, reference primitives.
         from .sparse_train import (REFERENCE_PRIMS, REFERENCE_PRIMS_F64_ACC, chunked_pre_encoder,
                                    sparse_jumprelu_sae_row_grads)
@@ -136,7 +137,7 @@ class TorchBackend:
         prims = REFERENCE_PRIMS_F64_ACC if x.device.type == "cpu" else REFERENCE_PRIMS
         return sparse_jumprelu_sae_row_grads(
             x, W_enc, b_enc, threshold, W_dec, b_dec, l0_coefficient=l0_coefficient, bandwidth=bandwidth,
-            apply_b_dec_to_input=apply_b_dec_to_input, encoder=chunked_pre_encoder, prims=prims,
+            apply_b_dec_to_input=apply_b_dec_to_input, encoder=chunked_pre_encoder, prims=prims, dense=dense,
         )
 
 

@@ -137,10 +137,11 @@ class CppBackend:
             apply_b_dec_to_input=apply_b_dec_to_input, encoder=chunked_pre_encoder, prims=self.prims,
         )
 
-    def row_grads(self, x, W_enc, b_enc, threshold, W_dec, b_dec, l0_coefficient, bandwidth, apply_b_dec_to_input):
+    def row_grads(self, x, W_enc, b_enc, threshold, W_dec, b_dec, l0_coefficient, bandwidth, apply_b_dec_to_input,
+                  dense=None):
         return sparse_jumprelu_sae_row_grads(
             x, W_enc, b_enc, threshold, W_dec, b_dec, l0_coefficient=l0_coefficient, bandwidth=bandwidth,
-            apply_b_dec_to_input=apply_b_dec_to_input, encoder=chunked_pre_encoder, prims=self.prims,
+            apply_b_dec_to_input=apply_b_dec_to_input, encoder=chunked_pre_encoder, prims=self.prims, dense=dense,
         )
 
 

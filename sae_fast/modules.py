@@ -157,15 +157,18 @@ class JumpReLUSAE(nn.Module):
             apply_b_dec_to_input=self.apply_b_dec_to_input, backend=self.backend,
         )
 
-    def training_row_grads(self, x: torch.Tensor, *, l0_coefficient: float, bandwidth: float = 0.001):
+    def training_row_grads(self, x: torch.Tensor, *, l0_coefficient: float, bandwidth: float = 0.001,
+                           dense: bool | None = None):
         """The lean training step: (TrainingOutput, RowGrads), the same loss as
         training_forward without an autograd graph, and the gradients of the features
         the batch touched only (sae_fast.sparse_train.RowGrads); .grad is left alone.
-        Feed them to sae_fast.optim.SparseAdamB1Zero.step_rows."""
+        Feed them to sae_fast.optim.SparseAdamB1Zero.step_rows. In dense phases (a fresh
+        init: about half the features active) it computes with chunked dense GEMMs
+        instead (`dense`, see ops.jumprelu_sae_row_grads)."""
         return ops.jumprelu_sae_row_grads(
             x, self.W_enc, self.b_enc, self.threshold, self.W_dec, self.b_dec,
             l0_coefficient=l0_coefficient, bandwidth=bandwidth,
-            apply_b_dec_to_input=self.apply_b_dec_to_input, backend=self.backend,
+            apply_b_dec_to_input=self.apply_b_dec_to_input, backend=self.backend, dense=dense,
         )
 
     # ----------------------------------------------------------------- saving

@@ -140,13 +140,19 @@ def jumprelu_sae_row_grads(
     bandwidth: float,
     apply_b_dec_to_input: bool = False,
     backend: str = "auto",
+    dense: bool | None = None,
 ) -> tuple[TrainingOutput, RowGrads]:
     """The lean training step: jumprelu_sae_loss's outputs (no autograd graph) and its
-    gradients on the touched features only (sparse_train.RowGrads)."""
+    gradients on the touched features only (sparse_train.RowGrads).
+
+    dense: None (default) runs the sparse kernels unless more than
+    sparse_train.DENSE_FALLBACK_DENSITY of the (token, feature) pairs are active (a
+    fresh init), where it computes with dense GEMMs a chunk of features at a time;
+    True/False force one path. Both give the same gradients to rounding."""
     d_in, l0c, bw = _check_loss_args(x, W_enc, b_enc, threshold, W_dec, b_dec, l0_coefficient, bandwidth,
                                      apply_b_dec_to_input)
     impl = backends.get(backends.resolve(backend, x.device))
     out, grads = impl.row_grads(x.reshape(-1, d_in), W_enc, b_enc, threshold, W_dec, b_dec, l0c, bw,
-                                apply_b_dec_to_input)
+                                apply_b_dec_to_input, dense=dense)
     out.reconstruction = out.reconstruction.reshape(x.shape)
     return out, grads

@@ -71,15 +71,33 @@ def plan(d_in: int, d_sae: int, batch: int, *, l0: int = 64, band: int = 64, dty
         ("input, reconstruction and gradients", 4 * batch * d_in * 4, ""),
     ]
     label = f"sae_fast {'lean' if optimizer == 'sparse-adam' else 'autograd'} step ({backend})"
-    return {"sparse": sparse, "dense": dense, "label": label}
+    out = {"sparse": sparse, "dense": dense, "label": label}
+    if optimizer == "sparse-adam":
+        # Right after the Gemma Scope init about half the features fire: the lean step
+        # runs chunked dense GEMMs (sparse_train.chunked_dense_row_grads) and touches every row.
+        c = encode_chunk_features(batch, d_sae, getattr(torch, dtype))
+        phase = [r for r in sparse[:3]]
+        phase += [
+            ("gradients of every feature (all rows touched)", W * b + vec * 4, ""),
+            ("chunk workspace: pre, acts, masks, float32 dacts of one chunk", batch * c * (3 * b + 4 * 4 + 3),
+             f"{c} features per chunk"),
+            ("input, reconstruction (float32) and their gradients", batch * d_in * (b + 4 * 3), ""),
+        ]
+        out["dense_phase"] = phase
+    return out
 
 
 def render(d: dict, gpu_mem_gib: float) -> tuple[str, bool]:
-    lines, fits = [], None  # `fits` is the sae_fast step's verdict (the first block)
-    for name, rows in ((d.get("label", "sae_fast step"), d["sparse"]), ("dense PyTorch step", d["dense"])):
+    lines, fits = [], True  # `fits`: every sae_fast block fits
+    blocks = [(d.get("label", "sae_fast step"), d["sparse"], True)]
+    if "dense_phase" in d:
+        blocks.append(("sae_fast lean step at a fresh init (more than 1/32 active: chunked dense GEMMs)",
+                       d["dense_phase"], True))
+    blocks.append(("dense PyTorch step", d["dense"], False))
+    for name, rows, ours in blocks:
         total = sum(r[1] for r in rows)
         ok = total <= gpu_mem_gib * 2**30
-        fits = ok if fits is None else fits
+        fits = fits and ok if ours else fits
         lines.append(f"{name}:")
         for part, nbytes, note in rows:
             lines.append(f"  {nbytes / 2**30:9.2f} GiB  {part}" + (f"  ({note})" if note else ""))

@@ -272,6 +272,16 @@ def _backward(xin, W_enc, threshold, W_dec, sets: EncodedSets, g32, g_step, *, e
     return dx, dW_enc_t, db_enc, d_thr, dW_dec, db_dec
 
 
+def _mse(diff, n):
+    """sum(diff²) / n, summed in float64 (tokens x d_in terms; one rounding at the end)."""
+    return (diff.double().pow(2).sum() / n).float()
+
+
+def _mse_grad(diff, n):
+    """d _mse / d diff, formed exactly as autograd forms it: ((1/n) * (2 diff)) in float64."""
+    return (torch.tensor(1.0 / n, dtype=torch.float64, device=diff.device) * (2 * diff.double())).float()
+
+
 class SparseJumpReLUSAEFunction(torch.autograd.Function):
     """(recon [N, d_in], step_sum, active_count, fired [d_sae]) with the sparse backward above."""
 
@@ -308,7 +318,7 @@ def sparse_jumprelu_sae_loss(
         x, W_enc, b_enc, threshold, W_dec, b_dec, bandwidth, apply_b_dec_to_input, encoder, prims
     )
     n = max(x.shape[0], 1)
-    mse_loss = (recon - x.float()).pow(2).sum() / n
+    mse_loss = _mse(recon - x.float(), n)
     l0_loss = float(l0_coefficient) * step_sum / n
     return TrainingOutput(
         loss=mse_loss + l0_loss, mse_loss=mse_loss, l0_loss=l0_loss, l0=active / n, reconstruction=recon.to(x.dtype),
@@ -316,22 +326,170 @@ def sparse_jumprelu_sae_loss(
     )
 
 
+# Above this fraction of active (token, feature) pairs the lean step runs densely, a
+# chunk of features at a time (chunked_dense_row_grads): the active set would take
+# 10+ bytes per pair (a fresh Gemma Scope init, threshold 0.001, starts near 1/2:
+# 4096 x 2^20 / 2 pairs = 21 GB), and three tensor-core GEMMs per chunk beat
+# gathers at that density. The crossover on a GPU is not measured yet (no GPU was
+# lent when this was written); 1/32 bounds the active set at 4096 x 2^20 to 1.3 GB.
+DENSE_FALLBACK_DENSITY = 1 / 32
+PROBE_TOKENS = 64
+# Last measured density per W_enc (data pointer, shape): steps follow each other
+# closely, so only the first step of a matrix pays for a probe.
+_DENSITY: dict = {}
+
+
+def _mm32(a, b):
+    """a @ b with a float32 result (fp32 accumulation is what the GEMM did anyway)."""
+    if a.dtype == torch.float32:
+        return a @ b
+    if a.is_cuda:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (RuntimeError, TypeError):  # pragma: no cover - older torch
+            pass
+    return a.float() @ b.float()
+
+
+def _dot_rows_f32(g32, W):
+    """g32 @ Wᵀ, float32 result, with g32 kept to ~16 significant bits for bf16/fp16 W:
+    g32 = hi + lo, both in W's dtype, two tensor-core GEMMs (what the sparse path's
+    gather-dot gets from float32 g, at GEMM speed)."""
+    Wt = W.t()
+    if W.dtype == torch.float32:
+        return g32 @ Wt
+    hi = g32.to(W.dtype)
+    lo = (g32 - hi.float()).to(W.dtype)
+    return _mm32(hi, Wt) + _mm32(lo, Wt)
+
+
+def _chunk_masks(xin, W_enc, b_enc, threshold, c0, c1, hb):
+    pre = xin @ W_enc[:, c0:c1] + b_enc[c0:c1]
+    thr = threshold[c0:c1].float()
+    pre32 = pre.float()
+    active = ((pre32 > thr) & (pre32 > 0)) | torch.isnan(pre32)
+    return pre, pre32, thr, active, (pre32 - thr).abs() < hb
+
+
+@torch.no_grad()
+def chunked_dense_row_grads(
+    x, W_enc, b_enc, threshold, W_dec, b_dec, *, l0_coefficient, bandwidth, apply_b_dec_to_input,
+    chunk_features: int | None = None,
+) -> tuple[TrainingOutput, RowGrads]:
+    """The lean step's contract (same outputs as sparse_jumprelu_sae_row_grads), computed
+    with dense GEMMs over one chunk of features at a time: for dense phases such as a fresh
+    init. Two sweeps (x_hat first, then the gradients, pre recomputed): the workspace
+    is one chunk's [tokens, chunk] tensors, never [tokens, d_sae]."""
+    n_tok, d_sae = x.shape[0], W_enc.shape[1]
+    xin = x - b_dec if apply_b_dec_to_input else x
+    c = chunk_features or encode_chunk_features(n_tok, d_sae, x.dtype)
+    hb = torch.tensor(float(bandwidth) / 2, dtype=torch.float32)
+    eps = float(bandwidth)
+    chunks = [(c0, min(d_sae, c0 + c)) for c0 in range(0, d_sae, c)]
+    recon = b_dec.float().expand(n_tok, -1).clone()
+    step_sum = torch.zeros((), dtype=torch.float32, device=x.device)
+    active_n = torch.zeros((), dtype=torch.int64, device=x.device)
+    fired = torch.zeros(d_sae, dtype=torch.bool, device=x.device)
+    for c0, c1 in chunks:
+        pre, pre32, thr, active, _ = _chunk_masks(xin, W_enc, b_enc, threshold, c0, c1, hb)
+        acts = torch.where(active, pre, torch.zeros((), dtype=pre.dtype, device=pre.device))
+        recon += _mm32(acts, W_dec[c0:c1])
+        step_sum += (pre32 > thr).sum().float()
+        active_n += active.sum()
+        fired[c0:c1] = active.any(0)
+    n = max(n_tok, 1)
+    diff = recon - x.float()
+    mse_loss = _mse(diff, n)
+    l0_loss = float(l0_coefficient) * step_sum / n
+    g32 = _mse_grad(diff, n)
+    g_step = float(l0_coefficient) / n  # unrounded, as in the sparse path
+    g = g32.to(W_dec.dtype)
+    parts = {k: [] for k in ("rows", "W_enc", "b_enc", "threshold", "W_dec")}
+    db_dec = g32.sum(0)
+    for c0, c1 in chunks:
+        pre, pre32, thr, active, band = _chunk_masks(xin, W_enc, b_enc, threshold, c0, c1, hb)
+        touched = (active | band).any(0).nonzero().squeeze(1)
+        if touched.numel() == 0:
+            continue
+        acts = torch.where(active, pre, torch.zeros((), dtype=pre.dtype, device=pre.device))
+        dacts = _dot_rows_f32(g32, W_dec[c0:c1])  # float32 [tokens, chunk]
+        dpre = torch.where(active, dacts, 0.0).to(W_dec.dtype)
+        db_enc32 = dpre.float().sum(0)
+        band_f = band.float()
+        band_sum = (dacts * band_f).sum(0).double()
+        d_thr = -(thr.double() / eps) * band_sum - (g_step / eps) * band_f.sum(0).double()
+        if apply_b_dec_to_input:
+            db_dec = db_dec - W_enc[:, c0:c1].float() @ db_enc32
+        parts["rows"].append(touched + c0)
+        parts["W_dec"].append((acts.t() @ g)[touched])
+        parts["W_enc"].append((dpre.t() @ xin)[touched])
+        parts["b_enc"].append(db_enc32[touched].to(W_enc.dtype))
+        parts["threshold"].append(d_thr[touched].to(threshold.dtype))
+    if parts["rows"]:
+        cat = {k: torch.cat(v) for k, v in parts.items()}
+    else:
+        d_in = x.shape[1]
+        cat = {"rows": torch.zeros(0, dtype=torch.int64, device=x.device),
+               "W_enc": x.new_zeros(0, d_in), "b_enc": x.new_zeros(0), "W_dec": x.new_zeros(0, d_in),
+               "threshold": torch.zeros(0, dtype=threshold.dtype, device=x.device)}
+    out = TrainingOutput(
+        loss=mse_loss + l0_loss, mse_loss=mse_loss, l0_loss=l0_loss, l0=active_n.float() / n,
+        reconstruction=recon.to(x.dtype), fired=fired,
+    )
+    return out, RowGrads(cat["rows"], cat["W_enc"], cat["b_enc"], cat["threshold"], cat["W_dec"],
+                         db_dec.to(W_dec.dtype))
+
+
+def active_density(x, W_enc, b_enc, threshold, b_dec, apply_b_dec_to_input) -> float:
+    """Fraction of (token, feature) pairs active, from the first PROBE_TOKENS tokens."""
+    xp = x[:PROBE_TOKENS]
+    if xp.shape[0] == 0:
+        return 0.0
+    if apply_b_dec_to_input:
+        xp = xp - b_dec
+    sets = chunked_pre_encoder(xp, W_enc, b_enc, threshold, 0.0, band=False)
+    return float(sets.a_cnt.sum()) / (xp.shape[0] * W_enc.shape[1])
+
+
 @torch.no_grad()
 def sparse_jumprelu_sae_row_grads(
-    x, W_enc, b_enc, threshold, W_dec, b_dec, *, l0_coefficient, bandwidth, apply_b_dec_to_input, encoder, prims
+    x, W_enc, b_enc, threshold, W_dec, b_dec, *, l0_coefficient, bandwidth, apply_b_dec_to_input, encoder, prims,
+    dense: bool | None = None,
 ) -> tuple[TrainingOutput, RowGrads]:
     """The lean step: the loss of sparse_jumprelu_sae_loss (no graph) and its gradients
-    on the touched features only. Equal to what loss.backward() puts in .grad, row for row."""
+    on the touched features only, the ones loss.backward() would give (to rounding).
+
+    dense: None picks by density: above DENSE_FALLBACK_DENSITY active pairs (last
+    step's density for this W_enc, or a PROBE_TOKENS probe on the first step) the
+    step runs as chunked_dense_row_grads; True/False force one path."""
+    key = (W_enc.data_ptr(), tuple(W_enc.shape), W_enc.device)
+    if dense is None:
+        density = _DENSITY.get(key)
+        if density is None:
+            density = active_density(x, W_enc, b_enc, threshold, b_dec, apply_b_dec_to_input)
+        dense = density > DENSE_FALLBACK_DENSITY
+    kw = dict(l0_coefficient=l0_coefficient, bandwidth=bandwidth, apply_b_dec_to_input=apply_b_dec_to_input)
+    if dense:
+        out, grads = chunked_dense_row_grads(x, W_enc, b_enc, threshold, W_dec, b_dec, **kw)
+    else:
+        out, grads = _sparse_row_grads(x, W_enc, b_enc, threshold, W_dec, b_dec, encoder=encoder, prims=prims, **kw)
+    if x.shape[0]:
+        _DENSITY[key] = float(out.l0) / W_enc.shape[1]
+    return out, grads
+
+
+def _sparse_row_grads(x, W_enc, b_enc, threshold, W_dec, b_dec, *, l0_coefficient, bandwidth, apply_b_dec_to_input,
+                      encoder, prims):
     xin, sets, recon, active, fired = _forward(x, W_enc, b_enc, threshold, W_dec, b_dec, bandwidth,
                                                apply_b_dec_to_input, encoder, prims)
     n = max(x.shape[0], 1)
-    inv_n = torch.tensor(1.0 / n, dtype=torch.float32, device=x.device)
     diff = recon - x.float()
-    mse_loss = diff.pow(2).sum() / n
+    mse_loss = _mse(diff, n)
     l0_loss = float(l0_coefficient) * sets.step_sum / n
-    # the gradients autograd would form for these two lines, in the same order of roundings
-    g32 = inv_n * (2 * diff)
-    g_step = inv_n * float(l0_coefficient)
+    # dL/dx_hat as autograd forms it for the loss; dL/d step_sum unrounded (float64):
+    # the threshold gradient subtracts it from the band sum, where they can cancel
+    g32 = _mse_grad(diff, n)
+    g_step = torch.tensor(float(l0_coefficient) / n, dtype=torch.float64, device=x.device)
     rows, pos = touched_features(W_dec.shape[0], (sets.a_idx, sets.a_cnt), (sets.n_idx, sets.n_cnt))
     _, dW_enc_t, db_enc, d_thr, dW_dec, db_dec = _backward(
         xin, W_enc, threshold, W_dec, sets, g32, g_step, eps=float(bandwidth), apply_b_dec=apply_b_dec_to_input,

@@ -125,10 +125,11 @@ class TritonBackend:
             apply_b_dec_to_input=apply_b_dec_to_input, encoder=triton_encoder, prims=PRIMS,
         )
 
-    def row_grads(self, x, W_enc, b_enc, threshold, W_dec, b_dec, l0_coefficient, bandwidth, apply_b_dec_to_input):
+    def row_grads(self, x, W_enc, b_enc, threshold, W_dec, b_dec, l0_coefficient, bandwidth, apply_b_dec_to_input,
+                  dense=None):
         return sparse_jumprelu_sae_row_grads(
             x, W_enc, b_enc, threshold, W_dec, b_dec, l0_coefficient=l0_coefficient, bandwidth=bandwidth,
-            apply_b_dec_to_input=apply_b_dec_to_input, encoder=triton_encoder, prims=PRIMS,
+            apply_b_dec_to_input=apply_b_dec_to_input, encoder=triton_encoder, prims=PRIMS, dense=dense,
         )
 
 

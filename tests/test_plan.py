@@ -20,8 +20,9 @@ def test_gemma_scope_widest_sae_fits_one_80gb_gpu():
     assert grads == 2**19 * (2 * 2304 * 2 + 2 + 4) + 2304 * 2
     assert _total(d["sparse"]) < 45e9  # issue 7's budget
     assert _total(d["dense"]) > _total(d["sparse"]) + 40 * 2**30  # dense: the [batch, d_sae] tensors
+    assert _total(d["dense_phase"]) < 45e9  # the first steps from a fresh init, every row touched
     text, fits = render(d, 80)
-    assert fits and "fits in 80 GiB" in text and "lean step (triton)" in text
+    assert fits and "fits in 80 GiB" in text and "lean step (triton)" in text and "fresh init" in text
 
 
 def test_autograd_step_and_cuda_encoder_cost_more():

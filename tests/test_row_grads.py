@@ -43,16 +43,20 @@ def _reference_grads(x, params, apply_b_dec):
     return out, {k: v.grad for k, v in ps.items()}
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+# the sparse path on every backend; the chunked dense path (torch GEMMs, the same on every backend) once
+PATHS = [(b, False) for b in BACKENDS] + [("torch", True)]
+
+
+@pytest.mark.parametrize("backend,dense", PATHS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n,mode", CASES)
 @pytest.mark.parametrize("apply_b_dec", [False, True])
-def test_row_grads_match_reference(backend, dtype, n, mode, apply_b_dec):
+def test_row_grads_match_reference(backend, dense, dtype, n, mode, apply_b_dec):
     x, p = exact_pre_case(n, D_IN, D_SAE, dtype, mode)
     if apply_b_dec:
         p["b_dec"] = torch.zeros_like(p["b_dec"])  # keeps x - b_dec on the exact grid
     sae = _sae(p, backend, apply_b_dec)
-    out, g = sae.training_row_grads(x.to(sae.device), **KW)
+    out, g = sae.training_row_grads(x.to(sae.device), dense=dense, **KW)
     assert all(prm.grad is None for prm in sae.parameters())  # .grad is left alone
     truth, tg = _reference_grads(x.double(), {k: v.double() for k, v in p.items()}, apply_b_dec)
     dense, dg = _reference_grads(x, p, apply_b_dec)
@@ -83,14 +87,15 @@ def test_row_grads_are_the_autograd_gradients_compacted(apply_b_dec):
         pytest.skip("the compiled cpu backend is not built")
     x, p = exact_pre_case(29, D_IN, D_SAE, torch.float32, "mixed")
     sae = _sae(p, "cpu", apply_b_dec)
-    out, g = sae.training_row_grads(x, **KW)
+    out, g = sae.training_row_grads(x, dense=False, **KW)
     ref = sae.training_forward(x, **KW)
     ref.loss.backward()
     assert torch.equal(out.loss, ref.loss.detach())
     full = g.dense(D_SAE)
     for k, prm in sae.named_parameters():
-        if k == "b_dec" and apply_b_dec:
-            # the lean step sums dx' as W_enc[:, rows] @ db_enc instead of decoding it per token
+        if (k == "b_dec" and apply_b_dec) or k == "threshold":
+            # the lean step sums dx' as W_enc[:, rows] @ db_enc instead of decoding it per token,
+            # and keeps dL/d step_sum = l0_coefficient / n unrounded (autograd has it in float32)
             torch.testing.assert_close(full[k], prm.grad, rtol=1e-5, atol=1e-6)
         else:
             assert torch.equal(full[k], prm.grad), k
@@ -127,3 +132,39 @@ def test_row_grads_bad_input():
         sae.training_row_grads(torch.randn(3, 8), l0_coefficient=-1.0)
     with pytest.raises(ValueError, match="x must have last dimension d_in=8"):
         sae.training_row_grads(torch.randn(3, 9), l0_coefficient=0.1)
+
+
+def test_auto_path_follows_density(monkeypatch):
+    # a fresh Gemma Scope init (threshold 0.001) has about half the features active:
+    # the step runs densely, in chunks; once L0 is small, sparsely
+    from sae_fast import sparse_train
+
+    sae = sae_fast.JumpReLUSAE(16, 200, backend="torch")
+    x = torch.randn(40, 16)
+    calls = []
+    real = sparse_train.chunked_dense_row_grads
+    monkeypatch.setattr(sparse_train, "chunked_dense_row_grads", lambda *a, **k: calls.append(1) or real(*a, **k))
+    out, g = sae.training_row_grads(x, l0_coefficient=1e-3)
+    assert calls and out.l0.item() > 200 / 32 and g.rows.numel() == 200
+    with torch.no_grad():
+        sae.threshold.fill_(2.5)  # now about one feature per token
+    sae.training_row_grads(x, l0_coefficient=1e-3)  # measured density from the last step: still dense
+    n_calls = len(calls)
+    out, g = sae.training_row_grads(x, l0_coefficient=1e-3)
+    assert len(calls) == n_calls and out.l0.item() < 200 / 32  # this step's measured density: sparse
+    _, gd = sae.training_row_grads(x, l0_coefficient=1e-3, dense=True)
+    for k in ("rows", "W_enc", "b_enc", "threshold", "W_dec", "b_dec"):
+        torch.testing.assert_close(getattr(g, k), getattr(gd, k), rtol=1e-5, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+def test_dense_path_chunks_agree(chunk):
+    from sae_fast.sparse_train import chunked_dense_row_grads
+
+    x, p = exact_pre_case(21, D_IN, D_SAE, torch.float32, "mixed")
+    kw = dict(l0_coefficient=0.3, bandwidth=EXACT_BANDWIDTH, apply_b_dec_to_input=False)
+    o1, g1 = chunked_dense_row_grads(x, **p, **kw, chunk_features=chunk)
+    o2, g2 = chunked_dense_row_grads(x, **p, **kw)
+    assert torch.equal(g1.rows, g2.rows) and o1.l0.item() == o2.l0.item() and torch.equal(o1.fired, o2.fired)
+    for k in ("W_enc", "b_enc", "threshold", "W_dec", "b_dec"):
+        torch.testing.assert_close(getattr(g1, k), getattr(g2, k), rtol=1e-5, atol=1e-6, msg=k)

@@ -3,7 +3,7 @@
 from .config import EMBEDDED_MODEL, EMBEDDED_TEXT, TrainConfig
 from .data import SyntheticActivationSource
 from .run import evaluate, train
-from .trainer import ActivationBuffer, CheckpointError, Trainer
+from .trainer import ActivationBuffer, CheckpointError, Trainer, lean_step
 
 __all__ = ["ActivationBuffer", "CheckpointError", "EMBEDDED_MODEL", "EMBEDDED_TEXT", "SyntheticActivationSource",
-           "TrainConfig", "Trainer", "evaluate", "train"]
+           "TrainConfig", "Trainer", "evaluate", "lean_step", "train"]

@@ -78,6 +78,25 @@ def l0_coefficient_at(step: int, cfg: TrainConfig) -> float:
     return cfg.l0_coefficient * min(1.0, (step + 1) / max(cfg.l0_warmup_steps, 1))
 
 
+def lean_step(sae: JumpReLUSAE, opt, x, *, l0_coefficient: float, bandwidth: float, decoder_unit_norm: bool = True,
+              grad_clip: float = 0.0):
+    """One training step of the lean kind: no autograd graph, gradients for the touched
+    features only (RowGrads), the decoder's parallel-gradient removal and the clipping on
+    those rows, then the row-sparse optimizer (opt: SparseAdamB1Zero.for_sae(sae,
+    decoder_unit_norm=...), which renormalises the changed W_dec rows in the same pass).
+    Nothing of size [d_sae, d_in] beyond the parameters and the optimizer state."""
+    from ..optim import remove_parallel_component
+
+    out, grads = sae.training_row_grads(x, l0_coefficient=l0_coefficient, bandwidth=bandwidth)
+    if decoder_unit_norm:
+        remove_parallel_component(sae.W_dec, grads.rows, grads.W_dec)
+    if grad_clip > 0:
+        # the untouched features' gradients are exactly zero and add nothing to the norm
+        grads.clip_(grad_clip)
+    opt.step_rows(grads)
+    return out
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, source, d_in: int, *, device: torch.device | None = None, log=None):
         self.cfg = cfg.validate()
@@ -161,21 +180,9 @@ class Trainer:
         return out
 
     def _lean_step(self, x, lam):
-        """The lean step: no autograd graph, gradients for the touched features only
-        (RowGrads), parallel-gradient removal and clipping on those rows, then the
-        row-sparse optimizer (which renormalises the changed W_dec rows in the same pass).
-        Nothing of size [d_sae, d_in] beyond the parameters and the optimizer state."""
-        from ..optim import remove_parallel_component
-
-        cfg, sae = self.cfg, self.sae
-        out, grads = sae.training_row_grads(x, l0_coefficient=lam, bandwidth=cfg.bandwidth)
-        if cfg.decoder_unit_norm:
-            remove_parallel_component(sae.W_dec, grads.rows, grads.W_dec)
-        if cfg.grad_clip > 0:
-            # the untouched features' gradients are exactly zero and add nothing to the norm
-            grads.clip_(cfg.grad_clip)
-        self.opt.step_rows(grads)
-        return out
+        cfg = self.cfg
+        return lean_step(self.sae, self.opt, x, l0_coefficient=lam, bandwidth=cfg.bandwidth,
+                         decoder_unit_norm=cfg.decoder_unit_norm, grad_clip=cfg.grad_clip)
 
     # ------------------------------------------------------------ checkpoints
     def folded_sae(self) -> JumpReLUSAE:
