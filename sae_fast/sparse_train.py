@@ -334,9 +334,10 @@ def sparse_jumprelu_sae_loss(
 # lent when this was written); 1/32 bounds the active set at 4096 x 2^20 to 1.3 GB.
 DENSE_FALLBACK_DENSITY = 1 / 32
 PROBE_TOKENS = 64
-# Last measured density per W_enc (data pointer, shape): steps follow each other
-# closely, so only the first step of a matrix pays for a probe.
-_DENSITY: dict = {}
+# The last measured density is kept on the W_enc tensor itself (attribute
+# _DENSITY_ATTR): steps follow each other closely, so only the first step of a
+# matrix pays for a probe, and no other tensor can inherit the value.
+_DENSITY_ATTR = "_sae_fast_active_density"
 
 
 def _mm32(a, b):
@@ -462,9 +463,8 @@ def sparse_jumprelu_sae_row_grads(
     dense: None picks by density: above DENSE_FALLBACK_DENSITY active pairs (last
     step's density for this W_enc, or a PROBE_TOKENS probe on the first step) the
     step runs as chunked_dense_row_grads; True/False force one path."""
-    key = (W_enc.data_ptr(), tuple(W_enc.shape), W_enc.device)
     if dense is None:
-        density = _DENSITY.get(key)
+        density = getattr(W_enc, _DENSITY_ATTR, None)
         if density is None:
             density = active_density(x, W_enc, b_enc, threshold, b_dec, apply_b_dec_to_input)
         dense = density > DENSE_FALLBACK_DENSITY
@@ -474,7 +474,7 @@ def sparse_jumprelu_sae_row_grads(
     else:
         out, grads = _sparse_row_grads(x, W_enc, b_enc, threshold, W_dec, b_dec, encoder=encoder, prims=prims, **kw)
     if x.shape[0]:
-        _DENSITY[key] = float(out.l0) / W_enc.shape[1]
+        setattr(W_enc, _DENSITY_ATTR, float(out.l0) / W_enc.shape[1])
     return out, grads
 
 
