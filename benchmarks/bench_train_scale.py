@@ -13,9 +13,10 @@ regime; a fresh threshold 0.001 init runs the chunked dense path instead).
 
 sae_fast: the lean step of `sae-fast train` (train.lean_step: compact row
 gradients, parallel-gradient removal, SparseAdamB1Zero with the fused
-adam_b1zero_rows_ and in-pass decoder renormalisation). Dense: the reference
-loss with autograd and torch.optim.Adam(betas=(0, 0.999)), the step a dense
-PyTorch SAE trainer runs; an out-of-memory is recorded as such.
+adam_b1zero_rows_ and in-pass decoder renormalisation). Dense: train.dense_step
+on the torch backend, the reference loss with autograd and
+torch.optim.Adam(betas=(0, 0.999)), the step a dense PyTorch SAE trainer runs;
+an out-of-memory is recorded as such.
 
 Records the median step time over --steps timed steps after --warmup (CUDA
 events on a GPU), tokens/s, and the peak memory allocated (torch.cuda, the
@@ -32,9 +33,8 @@ import time
 import torch
 
 import sae_fast
-from sae_fast import reference
 from sae_fast.optim import SparseAdamB1Zero
-from sae_fast.train import lean_step
+from sae_fast.train import dense_step, lean_step
 
 from .common import environment, write
 
@@ -141,18 +141,9 @@ def run_dense(args, device, dtype, acts) -> dict:
     sae = sae_fast.JumpReLUSAE(args.d_in, args.d_sae, dtype=dtype, device=device, backend="torch")
     set_thresholds(sae, acts, args.l0)
     opt = torch.optim.Adam(sae.parameters(), lr=7e-5, betas=(0.0, 0.999))
-    p = dict(sae.named_parameters())
 
     def step(x):
-        opt.zero_grad(set_to_none=True)
-        out = reference.jumprelu_sae_loss(x, **p, l0_coefficient=1e-3, bandwidth=1e-3)
-        out.loss.backward()
-        with torch.no_grad():
-            W, G = sae.W_dec, sae.W_dec.grad
-            G -= (G * W).sum(-1, keepdim=True) * W
-        opt.step()
-        with torch.no_grad():
-            sae.W_dec /= sae.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        out = dense_step(sae, opt, x, l0_coefficient=1e-3, bandwidth=1e-3, decoder_unit_norm=True, grad_clip=0.0)
         return out.loss.detach(), out.l0
 
     try:
@@ -161,7 +152,7 @@ def run_dense(args, device, dtype, acts) -> dict:
         return {"error": "out of memory", "detail": str(e).split("\n")[0],
                 "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None}
     finally:
-        del sae, opt, p
+        del sae, opt
 
 
 def _reset(device):

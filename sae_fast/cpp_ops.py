@@ -102,6 +102,12 @@ def _register_ops() -> None:
         _OPS_READY = True
 
 
+def adam_b1zero_rows_(param, v, last, rows, grad, *, step, lr, beta2, eps, sparse_dim, renorm=False) -> None:
+    """sae_fast::adam_b1zero_rows_ (CPU or CUDA kernel) with reference.adam_b1zero_rows_'s signature."""
+    _register_ops()
+    torch.ops.sae_fast.adam_b1zero_rows_(param, v, last, rows, grad, step, lr, beta2, eps, sparse_dim, renorm)
+
+
 def prims_from_ops(ops, deterministic: bool = True) -> Prims:
     """The three primitives of sparse_train from an op namespace (torch.ops.<ns>)."""
     return Prims(

@@ -76,7 +76,7 @@ def plan(d_in: int, d_sae: int, batch: int, *, l0: int = 64, band: int = 64, dty
         # Right after the Gemma Scope init about half the features fire: the lean step
         # runs chunked dense GEMMs (sparse_train.chunked_dense_row_grads) and touches every row.
         c = encode_chunk_features(batch, d_sae, getattr(torch, dtype))
-        phase = [r for r in sparse[:3]]
+        phase = list(sparse[:3])
         phase += [
             ("gradients of every feature (all rows touched)", W * b + vec * 4, ""),
             ("chunk workspace: pre, acts, masks, float32 dacts of one chunk", batch * c * (3 * b + 4 * 4 + 3),

@@ -102,6 +102,15 @@ def _merge_rows(parts):
     return out_idx, out_val, cnt
 
 
+def _chunk_pre(xin, W_enc, b_enc, threshold, c0, c1):
+    """pre of features [c0, c1) (the SAE dtype and float32), their thresholds (float32)
+    and the active mask (NaN pre counts as active)."""
+    pre = xin @ W_enc[:, c0:c1] + b_enc[c0:c1]
+    thr = threshold[c0:c1].float()
+    pre32 = pre.float()
+    return pre, pre32, thr, ((pre32 > thr) & (pre32 > 0)) | torch.isnan(pre32)
+
+
 def chunked_pre_encoder(x, W_enc, b_enc, threshold, half_bandwidth: float, *, band: bool = True,
                         chunk_features: int | None = None) -> EncodedSets:
     """Encoder for backends whose forward GEMM is dense (torch, cpu, cuda): pre for one
@@ -114,11 +123,7 @@ def chunked_pre_encoder(x, W_enc, b_enc, threshold, half_bandwidth: float, *, ba
     a_parts, n_parts = [], []
     step_sum = torch.zeros((), dtype=torch.float32, device=x.device)
     for c0 in range(0, s, c):
-        c1 = min(s, c0 + c)
-        pre = x @ W_enc[:, c0:c1] + b_enc[c0:c1]
-        thr = threshold[c0:c1].float()
-        pre32 = pre.float()
-        a_mask = ((pre32 > thr) & (pre32 > 0)) | torch.isnan(pre32)
+        pre, pre32, thr, a_mask = _chunk_pre(x, W_enc, b_enc, threshold, c0, min(s, c0 + c))
         ai, av, ac = compact(a_mask, pre)
         a_parts.append((ai + c0, av, ac))
         if band:
@@ -246,7 +251,7 @@ def _backward(xin, W_enc, threshold, W_dec, sets: EncodedSets, g32, g_step, *, e
         band_sum = p.scatter_rows(dacts_n, n_out_idx, n_cnt, ones, n_out)[:, 0]
         # The per-feature combination in float64 (vectors of d_sae, cheap): one rounding
         # at the end instead of five, where the two terms can cancel.
-        thr = threshold.double() if rows is None else threshold.double()[rows]
+        thr = (threshold if rows is None else threshold[rows]).double()
         d_thr = -(thr / eps) * band_sum.double()
         if g_step is not None:
             band_count = p.scatter_rows(torch.ones_like(dacts_n), n_out_idx, n_cnt, ones, n_out)[:, 0]
@@ -364,14 +369,6 @@ def _dot_rows_f32(g32, W):
     return _mm32(hi, Wt) + _mm32(lo, Wt)
 
 
-def _chunk_masks(xin, W_enc, b_enc, threshold, c0, c1, hb):
-    pre = xin @ W_enc[:, c0:c1] + b_enc[c0:c1]
-    thr = threshold[c0:c1].float()
-    pre32 = pre.float()
-    active = ((pre32 > thr) & (pre32 > 0)) | torch.isnan(pre32)
-    return pre, pre32, thr, active, (pre32 - thr).abs() < hb
-
-
 @torch.no_grad()
 def chunked_dense_row_grads(
     x, W_enc, b_enc, threshold, W_dec, b_dec, *, l0_coefficient, bandwidth, apply_b_dec_to_input,
@@ -392,7 +389,7 @@ def chunked_dense_row_grads(
     active_n = torch.zeros((), dtype=torch.int64, device=x.device)
     fired = torch.zeros(d_sae, dtype=torch.bool, device=x.device)
     for c0, c1 in chunks:
-        pre, pre32, thr, active, _ = _chunk_masks(xin, W_enc, b_enc, threshold, c0, c1, hb)
+        pre, pre32, thr, active = _chunk_pre(xin, W_enc, b_enc, threshold, c0, c1)
         acts = torch.where(active, pre, torch.zeros((), dtype=pre.dtype, device=pre.device))
         recon += _mm32(acts, W_dec[c0:c1])
         step_sum += (pre32 > thr).sum().float()
@@ -408,7 +405,8 @@ def chunked_dense_row_grads(
     parts = {k: [] for k in ("rows", "W_enc", "b_enc", "threshold", "W_dec")}
     db_dec = g32.sum(0)
     for c0, c1 in chunks:
-        pre, pre32, thr, active, band = _chunk_masks(xin, W_enc, b_enc, threshold, c0, c1, hb)
+        pre, pre32, thr, active = _chunk_pre(xin, W_enc, b_enc, threshold, c0, c1)
+        band = (pre32 - thr).abs() < hb
         touched = (active | band).any(0).nonzero().squeeze(1)
         if touched.numel() == 0:
             continue

@@ -85,12 +85,7 @@ def _optim_impls():
     if backends.unavailable_reason("cpu", "cpu") is None:
         import sae_fast.cpp_ops as cpp
 
-        cpp._register_ops()
-
-        def cpu(p, v, last, rows, grad, *, step, lr, beta2, eps, sparse_dim):
-            torch.ops.sae_fast.adam_b1zero_rows_(p, v, last, rows, grad, step, lr, beta2, eps, sparse_dim, False)
-
-        out.append(("cpu", cpu))
+        out.append(("cpu", cpp.adam_b1zero_rows_))
     if backends.unavailable_reason("triton", "cpu") is None:
         from sae_fast import triton_kernels as tk
 

@@ -1,5 +1,7 @@
 """SparseAdamB1Zero equals torch.optim.Adam(betas=(0, beta2)) to rounding, with lazy decay."""
 
+import copy
+
 import pytest
 import torch
 
@@ -116,22 +118,29 @@ def test_state_round_trip_continues_exactly_and_hands_over_to_torch_adam():
             torch.testing.assert_close(z, y, rtol=2e-6, atol=2e-7)
 
 
-def test_for_sae_param_groups_and_training_equivalence():
+def _sparse_regime_saes(k):
+    """k identical small SAEs whose thresholds leave most features untouched each step."""
     torch.manual_seed(0)
     sae = JumpReLUSAE(16, 64, backend="torch")
-    ref_sae = JumpReLUSAE(16, 64, backend="torch")
-    ref_sae.load_state_dict(sae.state_dict())
+    with torch.no_grad():
+        sae.threshold.fill_(2.0)
+    return [sae] + [copy.deepcopy(sae) for _ in range(k - 1)]
+
+
+def _autograd_step(sae, opt, x):
+    opt.zero_grad()
+    sae.training_forward(x, l0_coefficient=1e-2, bandwidth=0.05).loss.backward()
+    opt.step()
+
+
+def test_for_sae_param_groups_and_training_equivalence():
+    sae, ref_sae = _sparse_regime_saes(2)
     ours = SparseAdamB1Zero.for_sae(sae, lr=1e-3, beta2=0.999)
     ref = torch.optim.Adam(ref_sae.parameters(), lr=1e-3, betas=(0.0, 0.999))
-    with torch.no_grad():
-        for m in (sae, ref_sae):
-            m.threshold.fill_(2.0)  # a sparse regime: most features untouched each step
     for _ in range(15):
         x = torch.randn(8, 16)
         for m, opt in ((sae, ours), (ref_sae, ref)):
-            opt.zero_grad()
-            m.training_forward(x, l0_coefficient=1e-2, bandwidth=0.05).loss.backward()
-            opt.step()
+            _autograd_step(m, opt, x)
     untouched_frac = (ours.state[sae.W_dec]["last"] < ours.t).float().mean()
     assert untouched_frac > 0.2  # laziness really happened
     for (n, p), q in zip(sae.named_parameters(), ref_sae.parameters()):
@@ -187,12 +196,7 @@ def _kernel(backend):
         return tk.adam_b1zero_rows_
     from sae_fast import cpp_ops
 
-    cpp_ops._register_ops()
-
-    def cpu(p, v, last, rows, grad, *, step, lr, beta2, eps, sparse_dim, renorm):
-        torch.ops.sae_fast.adam_b1zero_rows_(p, v, last, rows, grad, step, lr, beta2, eps, sparse_dim, renorm)
-
-    return cpu
+    return cpp_ops.adam_b1zero_rows_
 
 
 @pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=pytest.mark.triton)])
@@ -225,14 +229,7 @@ def test_fused_kernel_matches_reference(backend, shape, sd, renorm, dtype, touch
 
 
 def test_step_rows_equals_step_with_dense_grads_and_torch_adam():
-    torch.manual_seed(0)
-    sae = JumpReLUSAE(16, 64, backend="torch")
-    lean_sae, ref_sae = JumpReLUSAE(16, 64, backend="torch"), JumpReLUSAE(16, 64, backend="torch")
-    for m in (lean_sae, ref_sae):
-        m.load_state_dict(sae.state_dict())
-    with torch.no_grad():
-        for m in (sae, lean_sae, ref_sae):
-            m.threshold.fill_(2.0)
+    sae, lean_sae, ref_sae = _sparse_regime_saes(3)
     # eps 1e-4: the lean step's sparse gradients and autograd's dense ones differ by
     # rounding (~1e-7), which Adam would blow up to ~lr where a gradient is ~1e-8 if eps were 1e-8
     dense_grads = SparseAdamB1Zero.for_sae(sae, lr=1e-3, eps=1e-4)
@@ -241,9 +238,7 @@ def test_step_rows_equals_step_with_dense_grads_and_torch_adam():
     for _ in range(12):
         x = torch.randn(8, 16)
         for m, opt in ((sae, dense_grads), (ref_sae, ref)):
-            opt.zero_grad()
-            m.training_forward(x, l0_coefficient=1e-2, bandwidth=0.05).loss.backward()
-            opt.step()
+            _autograd_step(m, opt, x)
         _, grads = lean_sae.training_row_grads(x, l0_coefficient=1e-2, bandwidth=0.05)
         assert grads.rows.numel() < 64
         lean.step_rows(grads)

@@ -3,7 +3,7 @@
 from .config import EMBEDDED_MODEL, EMBEDDED_TEXT, TrainConfig
 from .data import SyntheticActivationSource
 from .run import evaluate, train
-from .trainer import ActivationBuffer, CheckpointError, Trainer, lean_step
+from .trainer import ActivationBuffer, CheckpointError, Trainer, dense_step, lean_step
 
 __all__ = ["ActivationBuffer", "CheckpointError", "EMBEDDED_MODEL", "EMBEDDED_TEXT", "SyntheticActivationSource",
-           "TrainConfig", "Trainer", "evaluate", "lean_step", "train"]
+           "TrainConfig", "Trainer", "dense_step", "evaluate", "lean_step", "train"]

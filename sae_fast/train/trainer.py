@@ -78,6 +78,27 @@ def l0_coefficient_at(step: int, cfg: TrainConfig) -> float:
     return cfg.l0_coefficient * min(1.0, (step + 1) / max(cfg.l0_warmup_steps, 1))
 
 
+def dense_step(sae: JumpReLUSAE, opt, x, *, l0_coefficient: float, bandwidth: float, decoder_unit_norm: bool = True,
+               grad_clip: float = 0.0):
+    """One training step of the autograd kind: full-size .grad tensors and any
+    torch optimizer (torch.optim.Adam in `sae-fast train --optimizer adam`)."""
+    out = sae.training_forward(x, l0_coefficient=l0_coefficient, bandwidth=bandwidth)
+    opt.zero_grad(set_to_none=True)
+    out.loss.backward()
+    with torch.no_grad():
+        if decoder_unit_norm:
+            # remove the gradient component parallel to each (unit-norm) decoder row
+            W, G = sae.W_dec, sae.W_dec.grad
+            G -= (G * W).sum(-1, keepdim=True) * W
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), grad_clip)
+    opt.step()
+    if decoder_unit_norm:
+        with torch.no_grad():
+            sae.W_dec /= sae.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return out
+
+
 def lean_step(sae: JumpReLUSAE, opt, x, *, l0_coefficient: float, bandwidth: float, decoder_unit_norm: bool = True,
               grad_clip: float = 0.0):
     """One training step of the lean kind: no autograd graph, gradients for the touched
@@ -161,23 +182,9 @@ class Trainer:
                 "l0_coefficient": lam, "lr": lr, "tokens_per_s": cfg.batch_size / dt}
 
     def _dense_step(self, x, lam):
-        """autograd, full-size .grad tensors, torch.optim.Adam."""
-        cfg, sae = self.cfg, self.sae
-        out = sae.training_forward(x, l0_coefficient=lam, bandwidth=cfg.bandwidth)
-        self.opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        with torch.no_grad():
-            if cfg.decoder_unit_norm:
-                # remove the gradient component parallel to each (unit-norm) decoder row
-                W, G = sae.W_dec, sae.W_dec.grad
-                G -= (G * W).sum(-1, keepdim=True) * W
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
-        self.opt.step()
-        if cfg.decoder_unit_norm:
-            with torch.no_grad():
-                sae.W_dec /= sae.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        return out
+        cfg = self.cfg
+        return dense_step(self.sae, self.opt, x, l0_coefficient=lam, bandwidth=cfg.bandwidth,
+                          decoder_unit_norm=cfg.decoder_unit_norm, grad_clip=cfg.grad_clip)
 
     def _lean_step(self, x, lam):
         cfg = self.cfg
