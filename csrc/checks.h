@@ -2,11 +2,56 @@
 // entries of sae_fast's ops: one function per op, so both devices reject the
 // same inputs with the same message (it names the op, the argument and what
 // was expected).
+//
+// Range checks (check_ranges, check_rows_values) read the data of indices, counts
+// and rows; their messages name the first offending position and the valid range,
+// with the same text as sae_fast._checks (Python), e.g.
+//   sae_fast::sparse_decode: indices[3, 1]=5000 outside [0, d_sae=32)
+// CPU tensors: a loop. Device tensors: a few ATen ops compute the first bad position
+// on the device, and one device->host read of a few int64 brings it back (a sync per
+// call; two for rows that are not strictly increasing).
+// SAE_FAST_UNCHECKED=1 (read at every call, as in Python) skips them.
 #pragma once
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <utility>
+#include <vector>
+
 namespace sae_fast {
+
+inline bool range_checks_disabled() {
+  const char* e = std::getenv("SAE_FAST_UNCHECKED");
+  return e != nullptr && e[0] != '\0' && std::strcmp(e, "0") != 0;
+}
+
+// The device path of the range checks, also taken on CPU tensors when the private
+// variable _SAE_FAST_TEST_DEVICE_CHECK_PATH=1 is set: tests on a machine without a GPU
+// run the exact code the CUDA tensors run.
+inline bool use_device_path(const at::Tensor& t) {
+  if (!t.is_cpu()) return true;
+  const char* e = std::getenv("_SAE_FAST_TEST_DEVICE_CHECK_PATH");
+  return e != nullptr && e[0] == '1';
+}
+
+// Position of the first true element of a 1-D bool tensor, its length when none:
+// a 0-d int64 tensor on its device (no sync).
+inline at::Tensor first_true(const at::Tensor& mask) {
+  const int64_t n = mask.numel();
+  auto pos = at::arange(n, mask.options().dtype(at::kLong));
+  if (n == 0) return at::zeros({}, pos.options());
+  return at::where(mask, pos, at::Scalar(n)).min();
+}
+
+// t.flatten()[min(i, numel - 1)] as a 0-d int64 tensor (0 for an empty t), no sync.
+inline at::Tensor value_at(const at::Tensor& t, const at::Tensor& i) {
+  auto flat = t.reshape({-1});
+  if (flat.numel() == 0) return at::zeros({}, t.options().dtype(at::kLong));
+  return flat.index_select(0, i.clamp_max(flat.numel() - 1).reshape({1})).reshape({}).to(at::kLong);
+}
 
 inline void check_common(const at::Tensor& indices, const at::Tensor& counts, const at::Tensor& ref, const char* op) {
   TORCH_CHECK(indices.dim() == 2, op, ": indices must be 2-D [n_tokens, capacity], got ", indices.sizes());
@@ -34,12 +79,19 @@ inline void check_same(const at::Tensor& a, const char* an, const at::Tensor& b,
               ") must be on the same device");
 }
 
-// counts in [0, K] and every valid index in [0, S). On CPU a loop that names the
-// first bad slot; on a device one fused reduction (a single sync).
+// counts in [0, K] and every valid index in [0, S). The first offending slot in row
+// order, a row's count before its indices (Python reports the same one).
+inline void report_ranges(const char* op, int64_t N, int64_t K, int64_t S, int64_t r, int64_t cval, int64_t p,
+                          int64_t ival) {
+  const int64_t p_row = p < N * K ? p / K : N;
+  TORCH_CHECK(!(r < N && r <= p_row), op, ": counts[", r, "]=", cval, " outside [0, capacity=", K, "]");
+  TORCH_CHECK(p >= N * K, op, ": indices[", p / K, ", ", p % K, "]=", ival, " outside [0, d_sae=", S, ")");
+}
+
 inline void check_ranges(const at::Tensor& indices, const at::Tensor& counts, int64_t S, const char* op) {
   const int64_t N = indices.size(0), K = indices.size(1);
-  if (N == 0) return;
-  if (indices.is_cpu()) {
+  if (N == 0 || range_checks_disabled()) return;
+  if (!use_device_path(indices)) {
     const int64_t* idx = indices.data_ptr<int64_t>();
     const int32_t* cnt = counts.data_ptr<int32_t>();
     for (int64_t b = 0; b < N; ++b) {
@@ -52,12 +104,71 @@ inline void check_ranges(const at::Tensor& indices, const at::Tensor& counts, in
     return;
   }
   auto c = counts.to(at::kLong);
-  auto valid = at::arange(K, indices.options()).unsqueeze(0) < c.unsqueeze(1);
-  auto bad_idx = valid.logical_and(indices.lt(0).logical_or(indices.ge(S))).any();
-  auto bad_cnt = c.lt(0).logical_or(c.gt(K)).any();
-  auto flags = at::stack({bad_cnt, bad_idx}).cpu();
-  TORCH_CHECK(!flags[0].item<bool>(), op, ": counts must lie in [0, capacity=", K, "]");
-  TORCH_CHECK(!flags[1].item<bool>(), op, ": an index on a valid slot lies outside [0, d_sae=", S, ")");
+  auto r = first_true(c.lt(0).logical_or(c.gt(K)));
+  auto valid = at::arange(K, c.options()).unsqueeze(0).lt(c.unsqueeze(1));
+  auto p = first_true(valid.logical_and(indices.lt(0).logical_or(indices.ge(S))).reshape({-1}));
+  auto h = at::stack({r, value_at(c, r), p, value_at(indices, p)}).cpu();  // the one device->host read
+  const int64_t* s = h.data_ptr<int64_t>();
+  report_ranges(op, N, K, S, s[0], s[1], s[2], s[3]);
+}
+
+// The adam rows: each in [0, n_rows), none twice (two updates of one row race between
+// blocks on a GPU, and between threads of the CPU kernel). The first offending position:
+// p (out of range) or q (repeats the value at a < q), whichever comes first.
+inline void report_rows(const char* op, int64_t n, int64_t n_rows, int64_t p, int64_t pval, int64_t q, int64_t qval,
+                        int64_t a) {
+  TORCH_CHECK(!(p < n && p < q), op, ": rows[", p, "]=", pval, " outside [0, n_rows=", n_rows, ")");
+  TORCH_CHECK(q >= n, op, ": rows[", q, "]=", qval, " repeats rows[", a,
+              "]; rows must be unique (two updates of one row would race on a GPU: merge their gradients first)");
+}
+
+inline void check_rows_values(const at::Tensor& r, int64_t n_rows, const char* op) {
+  const int64_t n = r.numel();
+  if (n == 0 || range_checks_disabled()) return;
+  if (!use_device_path(r)) {
+    const int64_t* v = r.data_ptr<int64_t>();
+    int64_t p = n;
+    bool increasing = true;
+    for (int64_t i = 0; i < n; ++i) {
+      if (p == n && (v[i] < 0 || v[i] >= n_rows)) p = i;
+      if (i > 0 && v[i] <= v[i - 1]) increasing = false;
+    }
+    int64_t q = n, a = 0;
+    if (!increasing) {  // sorted (value, position): equal values in position order
+      std::vector<std::pair<int64_t, int64_t>> vp(n);
+      for (int64_t i = 0; i < n; ++i) vp[i] = {v[i], i};
+      std::sort(vp.begin(), vp.end());
+      for (int64_t i = 1; i < n; ++i)
+        if (vp[i].first == vp[i - 1].first && vp[i].second < q) {
+          q = vp[i].second;
+          a = vp[i - 1].second;
+        }
+    }
+    report_rows(op, n, n_rows, p, p < n ? v[p] : 0, q, q < n ? v[q] : 0, a);
+    return;
+  }
+  // One device->host read when the rows are strictly increasing (RowGrads, step()'s
+  // nonzero rows): no sort. Otherwise a sort and a second read find the first repeat.
+  auto p = first_true(r.lt(0).logical_or(r.ge(n_rows)));
+  auto increasing = n > 1 ? r.narrow(0, 1, n - 1).gt(r.narrow(0, 0, n - 1)).all().to(at::kLong)
+                          : at::ones({}, r.options());
+  auto h = at::stack({p, value_at(r, p), increasing}).cpu();
+  const int64_t* s = h.data_ptr<int64_t>();
+  if (s[2] == 1) {
+    report_rows(op, n, n_rows, s[0], s[1], n, 0, 0);
+    return;
+  }
+  auto sorted = at::sort(r, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  const auto& sv = std::get<0>(sorted);
+  const auto& perm = std::get<1>(sorted);
+  // each later occurrence of a value, at its position in r; the smallest is the first repeat
+  auto key = at::where(sv.narrow(0, 1, n - 1).eq(sv.narrow(0, 0, n - 1)), perm.narrow(0, 1, n - 1), at::Scalar(n));
+  auto i = key.argmin().reshape({1});
+  auto q = key.index_select(0, i).reshape({});
+  auto a = perm.narrow(0, 0, n - 1).index_select(0, i).reshape({});
+  auto h2 = at::stack({q, value_at(r, q), a}).cpu();
+  const int64_t* s2 = h2.data_ptr<int64_t>();
+  report_rows(op, n, n_rows, s[0], s[1], s2[0], s2[1], s2[2]);
 }
 
 // Each returns the output dtype after checking every argument.
@@ -158,10 +269,7 @@ inline RowGeometry check_adam_rows_args(const at::Tensor& param, const at::Tenso
     const at::Tensor& r = *rows;
     TORCH_CHECK(r.scalar_type() == at::kLong && r.dim() == 1 && r.is_contiguous() && r.device() == param.device(), op,
                 ": rows must be a contiguous 1-D int64 tensor on param's device, got ", r.scalar_type(), " ", r.sizes());
-    if (r.numel() > 0) {
-      auto bad = r.lt(0).logical_or(r.ge(g.n_rows)).any();
-      TORCH_CHECK(!bad.item<bool>(), op, ": rows must lie in [0, ", g.n_rows, ")");
-    }
+    check_rows_values(r, g.n_rows, op);
   }
   return g;
 }

@@ -62,18 +62,29 @@ inline double dot(const A* a, const T* b, int64_t D) {
 }
 
 // ------------------------------------------------------------------ CPU kernels
+// Memory safety, as in kernels/sparse_ops.cu: the entries refuse bad indices and
+// counts (csrc/checks.h), and the kernels stay in bounds even when that check is
+// skipped (SAE_FAST_UNCHECKED=1): a count is clamped to [0, K], a slot whose index
+// lies outside [0, S) contributes nothing (reads as 0), an optimizer row outside
+// [0, n_rows) is skipped. A compare per slot, nothing per element.
+inline int64_t clamp_count(int32_t c, int64_t K) { return c < 0 ? 0 : std::min<int64_t>(c, K); }
+inline bool in_range(int64_t j, int64_t S) { return j >= 0 && j < S; }
+
 // O is T, or float when the caller keeps the reconstruction unrounded (the
 // training step computes its float32 loss and gradient from it).
 template <typename T, typename O>
 void decode_cpu(const int64_t* idx, const T* val, const int32_t* cnt, const T* W, const T* bias, O* out,
-                int64_t N, int64_t K, int64_t D) {
+                int64_t N, int64_t K, int64_t S, int64_t D) {
   at::parallel_for(0, N, 1, [&](int64_t b0, int64_t b1) {
     std::vector<double> acc(D);
     for (int64_t b = b0; b < b1; ++b) {
       for (int64_t d = 0; d < D; ++d) acc[d] = bias ? tof(bias[d]) : 0.0;
-      for (int64_t k = 0; k < cnt[b]; ++k) {
+      const int64_t c = clamp_count(cnt[b], K);
+      for (int64_t k = 0; k < c; ++k) {
+        const int64_t j = idx[b * K + k];
+        if (!in_range(j, S)) continue;
         const double v = tof(val[b * K + k]);
-        const T* row = W + idx[b * K + k] * D;
+        const T* row = W + j * D;
         for (int64_t d = 0; d < D; ++d) acc[d] += v * tof(row[d]);
       }
       for (int64_t d = 0; d < D; ++d) out[b * D + d] = static_cast<O>(static_cast<float>(acc[d]));
@@ -85,12 +96,14 @@ void decode_cpu(const int64_t* idx, const T* val, const int32_t* cnt, const T* W
 // threshold gradient sums them over the band; see sae_fast/sparse_train.py).
 template <typename T, typename G>
 void gather_dot_cpu(const G* grad, const int64_t* idx, const int32_t* cnt, const T* W, G* out,
-                    int64_t N, int64_t K, int64_t D) {
+                    int64_t N, int64_t K, int64_t S, int64_t D) {
   at::parallel_for(0, N, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const G* g = grad + b * D;
+      const int64_t c = clamp_count(cnt[b], K);
       for (int64_t k = 0; k < K; ++k) {
-        const double s = k < cnt[b] ? dot(g, W + idx[b * K + k] * D, D) : 0.0;
+        const int64_t j = k < c ? idx[b * K + k] : -1;
+        const double s = in_range(j, S) ? dot(g, W + j * D, D) : 0.0;
         out[b * K + k] = static_cast<G>(static_cast<float>(s));
       }
     }
@@ -104,12 +117,14 @@ void scatter_rows_cpu(const T* coef, const int64_t* idx, const int32_t* cnt, con
                       int64_t N, int64_t K, int64_t D, int64_t S) {
   std::vector<int64_t> start(S + 1, 0);
   for (int64_t b = 0; b < N; ++b)
-    for (int64_t k = 0; k < cnt[b]; ++k) start[idx[b * K + k] + 1]++;
+    for (int64_t k = 0, c = clamp_count(cnt[b], K); k < c; ++k)
+      if (in_range(idx[b * K + k], S)) start[idx[b * K + k] + 1]++;
   for (int64_t j = 0; j < S; ++j) start[j + 1] += start[j];
   std::vector<int64_t> entry(start[S]);  // flat slot b*K+k, grouped by feature
   std::vector<int64_t> fill(start.begin(), start.end() - 1);
   for (int64_t b = 0; b < N; ++b)
-    for (int64_t k = 0; k < cnt[b]; ++k) entry[fill[idx[b * K + k]]++] = b * K + k;
+    for (int64_t k = 0, c = clamp_count(cnt[b], K); k < c; ++k)
+      if (in_range(idx[b * K + k], S)) entry[fill[idx[b * K + k]]++] = b * K + k;
   at::parallel_for(0, S, 16, [&](int64_t j0, int64_t j1) {
     std::vector<double> acc(D);
     for (int64_t j = j0; j < j1; ++j) {
@@ -135,6 +150,7 @@ void adam_b1zero_rows_cpu_kernel(T* param, float* v, int64_t* last, const int64_
     std::vector<float> buf(renorm ? g.L : 0);
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t j = rows ? rows[r] : r;
+      if (!in_range(j, g.n_rows)) continue;
       const int64_t missed = step - 1 - last[j];
       const float decay = static_cast<float>(std::pow(static_cast<double>(beta2), static_cast<double>(missed)));
       const T* gr = grad + r * g.L;
@@ -177,17 +193,17 @@ at::Tensor sparse_decode_cpu(const at::Tensor& indices, const at::Tensor& values
                              c10::optional<at::ScalarType> out_dtype) {
   const char* op = "sae_fast::sparse_decode";
   const auto ot = check_decode_args(indices, values, counts, W, bias, out_dtype);
-  const int64_t N = indices.size(0), K = indices.size(1), D = W.size(1);
+  const int64_t N = indices.size(0), K = indices.size(1), S = W.size(0), D = W.size(1);
   auto out = at::empty({N, D}, W.options().dtype(ot));
   SAE_FAST_DISPATCH_FLOAT(W.scalar_type(), op, [&] {
     const scalar_t* bp = bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr;
     if (ot == at::kFloat)
       decode_cpu<scalar_t, float>(indices.data_ptr<int64_t>(), values.data_ptr<scalar_t>(), counts.data_ptr<int32_t>(),
-                                  W.data_ptr<scalar_t>(), bp, out.data_ptr<float>(), N, K, D);
+                                  W.data_ptr<scalar_t>(), bp, out.data_ptr<float>(), N, K, S, D);
     else
       decode_cpu<scalar_t, scalar_t>(indices.data_ptr<int64_t>(), values.data_ptr<scalar_t>(),
                                      counts.data_ptr<int32_t>(), W.data_ptr<scalar_t>(), bp,
-                                     out.data_ptr<scalar_t>(), N, K, D);
+                                     out.data_ptr<scalar_t>(), N, K, S, D);
   });
   return out;
 }
@@ -196,17 +212,17 @@ at::Tensor sparse_gather_dot_cpu(const at::Tensor& grad, const at::Tensor& indic
                                  const at::Tensor& W) {
   const char* op = "sae_fast::sparse_gather_dot";
   check_gather_dot_args(grad, indices, counts, W);
-  const int64_t N = indices.size(0), K = indices.size(1), D = W.size(1);
+  const int64_t N = indices.size(0), K = indices.size(1), S = W.size(0), D = W.size(1);
   auto out = at::empty({N, K}, grad.options());  // the output takes grad's dtype
   const bool g32 = grad.scalar_type() == at::kFloat;
   SAE_FAST_DISPATCH_FLOAT(W.scalar_type(), op, [&] {
     if (g32)
       gather_dot_cpu<scalar_t, float>(grad.data_ptr<float>(), indices.data_ptr<int64_t>(), counts.data_ptr<int32_t>(),
-                                      W.data_ptr<scalar_t>(), out.data_ptr<float>(), N, K, D);
+                                      W.data_ptr<scalar_t>(), out.data_ptr<float>(), N, K, S, D);
     else
       gather_dot_cpu<scalar_t, scalar_t>(grad.data_ptr<scalar_t>(), indices.data_ptr<int64_t>(),
                                          counts.data_ptr<int32_t>(), W.data_ptr<scalar_t>(),
-                                         out.data_ptr<scalar_t>(), N, K, D);
+                                         out.data_ptr<scalar_t>(), N, K, S, D);
   });
   return out;
 }

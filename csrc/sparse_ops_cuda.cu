@@ -39,7 +39,8 @@ at::Tensor sparse_decode_cuda(const at::Tensor& indices, const at::Tensor& value
   auto out = at::empty({N, D}, W.options().dtype(ot));
   check_launch(sae_fast_kernels::sparse_decode(kdtype(W.scalar_type()), kdtype(ot), indices.data_ptr<int64_t>(),
                                                values.data_ptr(), counts.data_ptr<int32_t>(), W.data_ptr(),
-                                               bias.has_value() ? bias->data_ptr() : nullptr, out.data_ptr(), N, K, D,
+                                               bias.has_value() ? bias->data_ptr() : nullptr, out.data_ptr(), N, K,
+                                               W.size(0), D,
                                                c10::cuda::getCurrentCUDAStream()),
                "sae_fast::sparse_decode");
   return out;
@@ -53,7 +54,7 @@ at::Tensor sparse_gather_dot_cuda(const at::Tensor& grad, const at::Tensor& indi
   auto out = at::empty({N, K}, grad.options());
   check_launch(sae_fast_kernels::sparse_gather_dot(kdtype(W.scalar_type()), kdtype(gt), grad.data_ptr(),
                                                    indices.data_ptr<int64_t>(), counts.data_ptr<int32_t>(),
-                                                   W.data_ptr(), out.data_ptr(), N, K, D,
+                                                   W.data_ptr(), out.data_ptr(), N, K, W.size(0), D,
                                                    c10::cuda::getCurrentCUDAStream()),
                "sae_fast::sparse_gather_dot");
   return out;
@@ -85,7 +86,8 @@ at::Tensor sparse_scatter_rows_cuda(const at::Tensor& coef, const at::Tensor& in
   auto out = at::empty({d_sae, D}, grad.options());
   check_launch(sae_fast_kernels::sparse_scatter_rows_segmented(kdtype(grad.scalar_type()), order.data_ptr<int64_t>(),
                                                                start.data_ptr<int64_t>(), coef.data_ptr(),
-                                                               grad.data_ptr(), out.data_ptr(), d_sae, K, D, stream),
+                                                               grad.data_ptr(), out.data_ptr(), d_sae, N, K, D,
+                                                               stream),
                op);
   return out;
 }
@@ -100,7 +102,7 @@ void adam_b1zero_rows_cuda(const at::Tensor& param, const at::Tensor& v, const a
   check_launch(sae_fast_kernels::adam_b1zero_rows(kdtype(param.scalar_type()), param.data_ptr(), v.data_ptr<float>(),
                                                   last.data_ptr<int64_t>(),
                                                   rows.has_value() ? rows->data_ptr<int64_t>() : nullptr,
-                                                  grad.data_ptr(), n, g.L, g.s_row, g.s_col, step,
+                                                  grad.data_ptr(), n, g.n_rows, g.L, g.s_row, g.s_col, step,
                                                   static_cast<float>(lr), static_cast<float>(beta2),
                                                   static_cast<float>(1.0 - beta2), static_cast<float>(eps), bc2_sqrt,
                                                   renorm,

@@ -14,6 +14,7 @@ from ._ext import load_extension as _load_extension, load_triton as _load_triton
 from ._info import info  # noqa: E402
 from .modules import JumpReLUSAE  # noqa: E402
 from .ops import (  # noqa: E402
+    check_pending,
     jumprelu_encode,
     jumprelu_encode_sparse,
     jumprelu_sae_loss,
@@ -35,6 +36,7 @@ __all__ = [
     "SparseAdamB1Zero",
     "TrainingOutput",
     "backends",
+    "check_pending",
     "info",
     "jumprelu_encode",
     "jumprelu_encode_sparse",

@@ -17,7 +17,7 @@ import torch
 
 from . import backends, reference
 from .sparse import SparseActs
-from .sparse_train import Prims, chunked_pre_encoder, sparse_jumprelu_sae_loss, sparse_jumprelu_sae_row_grads
+from .sparse_train import Prims, fused_pre_encoder, sparse_jumprelu_sae_loss, sparse_jumprelu_sae_row_grads
 
 _OPS_READY = False
 
@@ -131,7 +131,7 @@ class CppBackend:
     def encode_sparse(self, x, W_enc, b_enc, threshold, b_dec, apply_b_dec_to_input, capacity):
         if apply_b_dec_to_input:
             x = x - b_dec
-        sets = chunked_pre_encoder(x, W_enc, b_enc, threshold, 0.0, band=False)
+        sets = fused_pre_encoder(x, W_enc, b_enc, threshold, 0.0, band=False)
         return SparseActs(sets.a_idx, sets.a_val, sets.a_cnt, W_enc.shape[1])
 
     def decode(self, acts: SparseActs, W_dec, b_dec):
@@ -140,14 +140,14 @@ class CppBackend:
     def loss(self, x, W_enc, b_enc, threshold, W_dec, b_dec, l0_coefficient, bandwidth, apply_b_dec_to_input):
         return sparse_jumprelu_sae_loss(
             x, W_enc, b_enc, threshold, W_dec, b_dec, l0_coefficient=l0_coefficient, bandwidth=bandwidth,
-            apply_b_dec_to_input=apply_b_dec_to_input, encoder=chunked_pre_encoder, prims=self.prims,
+            apply_b_dec_to_input=apply_b_dec_to_input, encoder=fused_pre_encoder, prims=self.prims,
         )
 
     def row_grads(self, x, W_enc, b_enc, threshold, W_dec, b_dec, l0_coefficient, bandwidth, apply_b_dec_to_input,
                   dense=None):
         return sparse_jumprelu_sae_row_grads(
             x, W_enc, b_enc, threshold, W_dec, b_dec, l0_coefficient=l0_coefficient, bandwidth=bandwidth,
-            apply_b_dec_to_input=apply_b_dec_to_input, encoder=chunked_pre_encoder, prims=self.prims, dense=dense,
+            apply_b_dec_to_input=apply_b_dec_to_input, encoder=fused_pre_encoder, prims=self.prims, dense=dense,
         )
 
 

@@ -2,6 +2,10 @@
 
 Same names as DESIGN.md's naming ladder: jumprelu_encode, jumprelu_encode_sparse,
 sparse_decode, jumprelu_sae_loss, jumprelu_sae_row_grads. Each takes backend="auto" (see backends.py).
+
+sparse_decode checks the indices and counts of its SparseActs on every backend (see
+sae_fast._checks: immediate on CPU tensors, deferred to the next op call or to
+check_pending() on CUDA tensors of the triton backend; SAE_FAST_UNCHECKED=1 opts out).
 """
 
 from __future__ import annotations
@@ -9,12 +13,15 @@ from __future__ import annotations
 import torch
 
 from . import backends
-from ._checks import (
+from ._checks import (  # noqa: F401  (check_pending: sae_fast.check_pending)
     check_bandwidth,
+    check_capacity,
     check_decoder_params,
     check_encoder_params,
     check_input,
+    check_pending,
     check_same_device,
+    check_sparse_ranges,
 )
 from .outputs import TrainingOutput
 from .sparse import SparseActs
@@ -63,8 +70,7 @@ def jumprelu_encode_sparse(
     capacity: pad each row to at least this many slots (it grows if a row has more).
     """
     d_in, _ = _check_encode_args(x, W_enc, b_enc, threshold, b_dec, apply_b_dec_to_input)
-    if capacity is not None and (not isinstance(capacity, int) or capacity < 0):
-        raise ValueError(f"capacity must be a non-negative int or None, got {capacity!r}")
+    capacity = check_capacity(capacity)
     impl = backends.get(backends.resolve(backend, x.device))
     sp = impl.encode_sparse(x.reshape(-1, d_in), W_enc, b_enc, threshold, b_dec, apply_b_dec_to_input, None)
     sp = SparseActs(sp.indices, sp.values, sp.counts, sp.d_sae, x.shape[:-1])
@@ -89,8 +95,13 @@ def sparse_decode(
             f"acts.values has dtype {acts.dtype} but W_dec is {W_dec.dtype}; cast with acts.to(dtype=...)"
         )
     check_same_device(acts=acts.values, W_dec=W_dec)
-    impl = backends.get(backends.resolve(backend, W_dec.device))
-    return impl.decode(acts, W_dec, b_dec).reshape(*acts.batch_shape, d_in)
+    acts._check_layout()  # its tensors may have been replaced since it was built
+    name = backends.resolve(backend, W_dec.device)
+    if name not in ("triton", "cuda"):
+        # torch: nothing else checks; cpu: its C++ check would too, but as RuntimeError.
+        # The triton op runs this same check inside; the cuda op checks in C++.
+        check_sparse_ranges("sparse_decode", acts.indices, acts.counts, d_sae)
+    return backends.get(name).decode(acts, W_dec, b_dec).reshape(*acts.batch_shape, d_in)
 
 
 def _check_loss_args(x, W_enc, b_enc, threshold, W_dec, b_dec, l0_coefficient, bandwidth, apply_b_dec_to_input):

@@ -26,33 +26,43 @@ with `renorm_rows=True`.
 State: v (float32, the parameter's shape) and last (int64 per row: the step v
 is up to date with). A step in which a parameter has no gradient counts as a
 zero-gradient step for it (its v decays), for dense parameters too.
+
+step_rows validates what it is given before any parameter moves: rows int64 1-D,
+each in [0, n_rows) of its parameter, no row twice (two updates of one row would race
+on a GPU), grad [n rows, row length]. Errors name the first offending position, e.g.
+"SparseAdamB1Zero.step_rows: rows[2]=-1 outside [0, n_rows=32) (W_dec, ...)". On CUDA
+tensors with the Triton kernel the rows check runs on the device and reports at the next
+sae_fast call or sae_fast.check_pending() (see sae_fast._checks); SAE_FAST_UNCHECKED=1
+skips it. step() derives its rows from the gradients itself: nothing to check.
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import reference
+from . import _checks, reference
 from .sparse_train import RowGrads
 
 _SAE_NAMES = ("W_enc", "b_enc", "threshold", "W_dec", "b_dec")
 
 
 def _impl(backend: str, device: torch.device):
-    """The adam_b1zero_rows_ implementation for `backend` on `device` (backends.resolve rules)."""
+    """(backend name, adam_b1zero_rows_ implementation) for `backend` on `device`
+    (backends.resolve rules); the implementation is None for torch (the reference)."""
     from . import backends
 
     name = backends.resolve(backend, device)
     if name == "triton":
-        from . import triton_ops  # noqa: F401  (registers the op)
+        from . import triton_ops
 
-        return torch.ops.sae_fast_triton.adam_b1zero_rows_
+        # unchecked entry: step_rows has checked the rows already, step() made them itself
+        return name, triton_ops.UNCHECKED.adam_b1zero_rows_
     if name in ("cpu", "cuda"):
         from . import cpp_ops
 
         cpp_ops._register_ops()
-        return torch.ops.sae_fast.adam_b1zero_rows_
-    return None  # torch: the reference
+        return name, torch.ops.sae_fast.adam_b1zero_rows_
+    return name, None  # torch: the reference
 
 
 class SparseAdamB1Zero(torch.optim.Optimizer):
@@ -102,13 +112,19 @@ class SparseAdamB1Zero(torch.optim.Optimizer):
             st["last"] = torch.zeros(n, dtype=torch.int64, device=p.device)
         return st
 
-    def _update(self, group, p, rows, grad):
-        st = self._state(p, group["sparse_dim"])
+    def _runner(self, p):
+        """(backend name, implementation or None) that updates p: the reference runs where
+        the fused ops can't (no compiled op, or a non-contiguous parameter)."""
         if p.device not in self._impls:
             self._impls[p.device] = _impl(self.backend, p.device)
-        impl = self._impls[p.device]
+        name, impl = self._impls[p.device]
+        return (name, impl) if impl is not None and p.is_contiguous() else ("torch", None)
+
+    def _update(self, group, p, rows, grad):
+        st = self._state(p, group["sparse_dim"])
+        _, impl = self._runner(p)
         grad = grad.to(p.dtype).contiguous()
-        if impl is not None and p.is_contiguous():
+        if impl is not None:
             impl(p, st["v"], st["last"], rows, grad, self.t, group["lr"], group["beta2"], group["eps"],
                  group["sparse_dim"], group["renorm_rows"])
         else:
@@ -146,18 +162,64 @@ class SparseAdamB1Zero(torch.optim.Optimizer):
         """Compact gradients: a RowGrads (optimizer built by for_sae), or a dict
         {param: (rows int64 [n] or None, grad [n, row length] or the full grad when rows is None)}.
         Parameters not named get no update this step (their v decays lazily)."""
-        if isinstance(grads, RowGrads):
+        from_row_grads = isinstance(grads, RowGrads)
+        if from_row_grads:
             if not self.sae_params:
                 raise ValueError("step_rows(RowGrads) needs an optimizer made by SparseAdamB1Zero.for_sae(sae)")
             grads = {self.sae_params[n]: (None if n == "b_dec" else grads.rows, getattr(grads, n)) for n in _SAE_NAMES}
-        self.t += 1
+        elif not isinstance(grads, dict):
+            raise TypeError(f"step_rows: grads must be a RowGrads or a dict {{param: (rows, grad)}}, "
+                            f"got {type(grads).__name__}")
+        # Everything is checked before any parameter moves (a bad entry leaves the optimizer as it was).
+        todo, checked = [], set()
         for p, (rows, g) in grads.items():
             group = self._group_of(p)
-            if (rows is None) != (group["sparse_dim"] is None):
-                raise ValueError("step_rows: rows must be given exactly for parameters with a sparse_dim")
-            if rows is not None and (rows.dtype != torch.int64 or rows.dim() != 1):
-                raise TypeError(f"step_rows: rows must be a 1-D int64 tensor, got {rows.dtype} {list(rows.shape)}")
+            self._check_step_rows_entry(p, group["sparse_dim"], rows, g, from_row_grads, checked)
+            todo.append((group, p, rows, g))
+        self.t += 1
+        for group, p, rows, g in todo:
             self._update(group, p, rows, g)
+
+    def _name_of(self, p) -> str:
+        for n, q in self.sae_params.items():
+            if q is p:
+                return n
+        return f"a parameter of shape {list(p.shape)}"
+
+    def _check_step_rows_entry(self, p, sd, rows, g, from_row_grads, checked) -> None:
+        op = "SparseAdamB1Zero.step_rows"
+        what = self._name_of(p)
+        if (rows is None) != (sd is None):
+            raise ValueError(f"step_rows: rows must be given exactly for parameters with a sparse_dim ({what})")
+        if not isinstance(g, torch.Tensor) or not g.is_floating_point():
+            raise TypeError(f"{op}: the gradient of {what} must be a floating tensor, got "
+                            f"{g.dtype if isinstance(g, torch.Tensor) else type(g).__name__}")
+        if g.device != p.device:
+            raise ValueError(f"{op}: the gradient of {what} is on {g.device}, the parameter on {p.device}")
+        if rows is None:
+            if tuple(g.shape) not in (tuple(p.shape), (1, p.numel())):
+                raise ValueError(f"{op}: the gradient of {what} must have its shape {list(p.shape)}, "
+                                 f"got {list(g.shape)}")
+            return
+        if not isinstance(rows, torch.Tensor) or rows.dtype != torch.int64 or rows.dim() != 1:
+            desc = f"{rows.dtype} {list(rows.shape)}" if isinstance(rows, torch.Tensor) else type(rows).__name__
+            raise TypeError(f"step_rows: rows must be a 1-D int64 tensor, got {desc} ({what})")
+        if rows.device != p.device:
+            raise ValueError(f"{op}: rows of {what} are on {rows.device}, the parameter on {p.device}")
+        n_rows, length = _checks.row_geometry(op, p, sd)
+        n = rows.numel()
+        if tuple(g.shape) != (n, length) and not (p.dim() == 1 and tuple(g.shape) == (n,)):
+            raise ValueError(f"{op}: the gradient of {what} must be [n rows={n}, row length={length}], "
+                             f"got {list(g.shape)}")
+        name, _ = self._runner(p)
+        key = (id(rows), n_rows)
+        if key in checked or (name == "cuda" and rows.is_cuda):
+            return  # a RowGrads' rows serve four parameters; the C++ CUDA op checks them itself
+        checked.add(key)
+        hint = f" ({what}, {n_rows} rows along sparse_dim {sd}"
+        hint += "; a RowGrads of a wider SAE?)" if from_row_grads else ")"
+        # defer (CUDA only): the Triton kernel masks rows outside [0, n_rows); the reference would assert
+        _checks.check_rows(op, rows, n_rows, defer=name == "triton", hint=hint)
 
     @torch.no_grad()
     def flush(self) -> None:

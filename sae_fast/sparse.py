@@ -110,17 +110,18 @@ class SparseActs:
             )
 
     def validate(self) -> "SparseActs":
-        """Full content check (syncs with the device). Returns self."""
+        """Full content check (syncs with the device). Returns self.
+
+        Counts and indices raise sae_fast._checks.OutOfRangeError (a ValueError) naming the
+        first bad slot, as the ops do; whatever SAE_FAST_UNCHECKED says."""
+        from ._checks import sparse_ranges
+
         self._check_layout()
         n, cap = self.indices.shape
-        c = self.counts.long()
-        if n and (c.min() < 0 or c.max() > cap):
-            raise ValueError(f"SparseActs.counts must lie in [0, capacity={cap}], got range [{int(c.min())}, {int(c.max())}]")
+        sparse_ranges("SparseActs.validate", self.indices, self.counts, self.d_sae)
         if n and cap:
             valid = valid_slots(self.indices, self.counts)
             idx = self.indices
-            if bool(((idx < 0) | (idx >= self.d_sae))[valid].any()):
-                raise ValueError(f"SparseActs.indices must lie in [0, d_sae={self.d_sae}) on valid slots")
             if bool((idx[~valid] != 0).any()) or bool((self.values[~valid] != 0).any()):
                 raise ValueError("SparseActs padding slots (k >= counts[b]) must hold index 0 and value 0")
             # Repeated index inside a row: sort the valid slots (padding mapped past d_sae).

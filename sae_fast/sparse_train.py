@@ -24,7 +24,8 @@ A backend supplies `encoder(x', W_enc, b_enc, threshold, half_bandwidth) -> Enco
 and a `Prims` with decode / gather_dot / scatter_rows. Nothing of shape
 [tokens, d_sae] is created here; the dense-GEMM encoder of the torch/cpu/cuda
 backends (`chunked_pre_encoder`) forms pre one chunk of features at a time,
-within a fixed workspace; the Triton encoder never forms it.
+within a fixed workspace (the cpu/cuda backends select each chunk with the fused
+op sae_fast::jumprelu_select, `fused_pre_encoder`); the Triton encoder never forms it.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from typing import Callable
 
 import torch
 
-from . import reference
+from . import reference, select_ops
 from .outputs import TrainingOutput
 from .sparse import compact, valid_slots
 
@@ -112,13 +113,20 @@ def _chunk_pre(xin, W_enc, b_enc, threshold, c0, c1):
 
 
 def chunked_pre_encoder(x, W_enc, b_enc, threshold, half_bandwidth: float, *, band: bool = True,
-                        chunk_features: int | None = None) -> EncodedSets:
+                        chunk_features: int | None = None, fused: bool = False) -> EncodedSets:
     """Encoder for backends whose forward GEMM is dense (torch, cpu, cuda): pre for one
     chunk of features at a time, compacted before the next; the sets are merged per row.
     With band=False the band is left empty (inference). Indices are int64 throughout:
-    tokens x d_sae passes 2^31 at 4096 x 2^20."""
+    tokens x d_sae passes 2^31 at 4096 x 2^20.
+
+    fused=True (the cpu/cuda backends, `fused_pre_encoder`) selects each chunk with the
+    compiled sae_fast::jumprelu_select (one read of pre) where x's device has it, and
+    falls back to this PyTorch path, the definition, elsewhere. The two give the same
+    sets bit for bit; the op's a_val carries no autograd graph."""
     n, s = x.shape[0], W_enc.shape[1]
     c = chunk_features or encode_chunk_features(n, s, x.dtype)
+    if fused and select_ops.available(x.device):
+        return _fused_chunks(x, W_enc, b_enc, threshold, half_bandwidth, band, c)
     hb = torch.tensor(half_bandwidth, dtype=torch.float32)
     a_parts, n_parts = [], []
     step_sum = torch.zeros((), dtype=torch.float32, device=x.device)
@@ -142,6 +150,47 @@ def chunked_pre_encoder(x, W_enc, b_enc, threshold, half_bandwidth: float, *, ba
         n_idx = torch.zeros(n, 0, dtype=torch.int64, device=x.device)
         n_cnt = torch.zeros(n, dtype=torch.int32, device=x.device)
     return EncodedSets(a_idx, a_val, a_cnt, n_idx, n_cnt, step_sum)
+
+
+@torch.no_grad()
+def _fused_chunks(x, W_enc, b_enc, threshold, half_bandwidth, band, c, select=None) -> EncodedSets:
+    """chunked_pre_encoder's loop with the selection in one op per chunk: the chunk's GEMM
+    (pre formed exactly as _chunk_pre forms it), then sae_fast::jumprelu_select (or
+    `select`, another implementation of it: the tests' emulated CUDA kernel), whose
+    indices already carry the chunk's offset and whose padding is already 0."""
+    select = select or select_ops.jumprelu_select
+    s = W_enc.shape[1]
+    thr = threshold.float().contiguous()
+    a_parts, n_parts = [], []
+    step_sum = torch.zeros((), dtype=torch.float32, device=x.device)
+    for c0 in range(0, s, c):
+        c1 = min(s, c0 + c)
+        pre = x @ W_enc[:, c0:c1]
+        pre += b_enc[c0:c1]  # in place: the same rounding as `x @ W + b`, one [tokens, c] buffer less
+        ai, av, ac, ni, nc, steps = select(pre, thr[c0:c1], half_bandwidth, band=band, col_offset=c0)
+        del pre
+        a_parts.append((ai, av, ac))
+        n_parts.append((ni, None, nc))
+        step_sum += steps.sum().float()  # exact: int64 count, one rounding per chunk (as the PyTorch path)
+    if not a_parts:
+        raise ValueError("W_enc has no features")
+    a_idx, a_val, a_cnt = _merge_rows(a_parts)
+    if band:
+        n_idx, _, n_cnt = _merge_rows(n_parts)
+    else:  # every chunk gave [N, 0] and zero counts
+        n_idx, _, n_cnt = n_parts[0]
+    return EncodedSets(a_idx, a_val, a_cnt, n_idx, n_cnt, step_sum)
+
+
+def fused_pre_encoder(x, W_enc, b_enc, threshold, half_bandwidth: float, *, band: bool = True,
+                      chunk_features: int | None = None, select=None) -> EncodedSets:
+    """The cpu/cuda backends' encoder: chunked_pre_encoder with fused=True. select: another
+    implementation of sae_fast::jumprelu_select to run instead (always used when given)."""
+    if select is not None:
+        c = chunk_features or encode_chunk_features(x.shape[0], W_enc.shape[1], x.dtype)
+        return _fused_chunks(x, W_enc, b_enc, threshold, half_bandwidth, band, c, select)
+    return chunked_pre_encoder(x, W_enc, b_enc, threshold, half_bandwidth, band=band,
+                               chunk_features=chunk_features, fused=True)
 
 
 # ------------------------------------------------------------------ compact rows

@@ -6,6 +6,11 @@ sae_fast_triton::jumprelu_encode_sparse (active set, band, per-row step counts),
 sae_fast_triton::sparse_decode / sparse_gather_dot / sparse_scatter_rows (same schemas,
 fakes and autograd as the C++ ops in namespace sae_fast),
 sae_fast_triton::adam_b1zero_rows_ (the fused, in-place optimizer step of sae_fast.optim).
+
+Those four validate every argument as the C++ ops do (csrc/checks.h), indices, counts
+and rows included (sae_fast._checks: at the call on CPU tensors, without a sync on CUDA
+tensors). sae_fast_triton_unchecked:: holds the same four without the checks, for
+sae_fast's own callers on data they made or validated already.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import os
 import torch
 from torch import Tensor
 
-from . import backends, reference
+from . import _checks, backends, reference
 from .cpp_ops import prims_from_ops, register_sparse_prims_meta
 from .sparse import SparseActs, valid_slots
 from .sparse_train import EncodedSets, sparse_jumprelu_sae_loss, sparse_jumprelu_sae_row_grads
@@ -45,6 +50,9 @@ def jumprelu_encode_sparse(
     a_idx, a_val, a_cnt, n_idx, n_cnt, h_cnt = tk.jumprelu_encode_sets(
         _c(x), _c(W_enc), _c(b_enc), _c(threshold.float()), band=band, half_bw=half_bandwidth
     )
+    # The launcher just read the counts back (a sync): deferred checks of earlier calls have
+    # finished, so report their failures here at no cost.
+    _checks.poll_pending()
     if torch.are_deterministic_algorithms_enabled():
         # Kernel tiles claim slots through atomics, so a row's order varies run to
         # run; sorting by feature makes every later float sum order-fixed.
@@ -70,29 +78,82 @@ def _(x, W_enc, b_enc, threshold, half_bandwidth, band):
     )
 
 
-@torch.library.custom_op(f"{NS}::sparse_decode", mutates_args=())
-def sparse_decode(
-    indices: Tensor, values: Tensor, counts: Tensor, W: Tensor, bias: Tensor | None, out_dtype: torch.dtype | None = None
-) -> Tensor:
-    return tk.sparse_decode(_c(indices), _c(values), _c(counts), _c(W), _c(bias) if bias is not None else None,
-                            out_dtype=out_dtype)
 
 
-@torch.library.custom_op(f"{NS}::sparse_gather_dot", mutates_args=())
-def sparse_gather_dot(grad: Tensor, indices: Tensor, counts: Tensor, W: Tensor) -> Tensor:
-    return tk.sparse_gather_dot(_c(grad), _c(indices), _c(counts), _c(W))
+def _check_ranges(op: str, indices: Tensor, counts: Tensor, d_sae: int) -> None:
+    _checks.check_sparse_ranges(op, indices, counts, d_sae, defer=True, locate=tk.locate_sparse)
 
 
-@torch.library.custom_op(f"{NS}::sparse_scatter_rows", mutates_args=())
-def sparse_scatter_rows(
-    coef: Tensor, indices: Tensor, counts: Tensor, grad: Tensor, d_sae: int, deterministic: bool = True
-) -> Tensor:
-    # Always deterministic: a segmented reduction over entries sorted by feature.
-    return tk.sparse_scatter_rows(_c(coef), _c(indices), _c(counts), _c(grad), d_sae)
+def _define_sparse_ops(ns: str, checked: bool) -> None:
+    """ns::sparse_decode / sparse_gather_dot / sparse_scatter_rows / adam_b1zero_rows_.
+
+    checked: every argument is validated as csrc/checks.h does for the C++ ops, and the
+    indices, counts and rows by sae_fast._checks (on CUDA tensors without a sync: the
+    kernels mask their accesses, the verdict is raised later; see _checks). Unchecked
+    (namespace sae_fast_triton_unchecked): for sae_fast's own callers only, on data it
+    made itself (the training step's primitives) or validated already (the optimizer)."""
+
+    @torch.library.custom_op(f"{ns}::sparse_decode", mutates_args=())
+    def sparse_decode(
+        indices: Tensor, values: Tensor, counts: Tensor, W: Tensor, bias: Tensor | None,
+        out_dtype: torch.dtype | None = None,
+    ) -> Tensor:
+        if checked:
+            op = f"{ns}::sparse_decode"
+            _checks.check_decode_args(op, indices, values, counts, W, bias, out_dtype)
+            _check_ranges(op, indices, counts, W.shape[0])
+        return tk.sparse_decode(_c(indices), _c(values), _c(counts), _c(W), _c(bias) if bias is not None else None,
+                                out_dtype=out_dtype)
+
+    @torch.library.custom_op(f"{ns}::sparse_gather_dot", mutates_args=())
+    def sparse_gather_dot(grad: Tensor, indices: Tensor, counts: Tensor, W: Tensor) -> Tensor:
+        if checked:
+            op = f"{ns}::sparse_gather_dot"
+            _checks.check_gather_dot_args(op, grad, indices, counts, W)
+            _check_ranges(op, indices, counts, W.shape[0])
+        return tk.sparse_gather_dot(_c(grad), _c(indices), _c(counts), _c(W))
+
+    @torch.library.custom_op(f"{ns}::sparse_scatter_rows", mutates_args=())
+    def sparse_scatter_rows(
+        coef: Tensor, indices: Tensor, counts: Tensor, grad: Tensor, d_sae: int, deterministic: bool = True
+    ) -> Tensor:
+        if checked:
+            op = f"{ns}::sparse_scatter_rows"
+            _checks.check_scatter_rows_args(op, coef, indices, counts, grad, d_sae)
+            _check_ranges(op, indices, counts, d_sae)
+        # Always deterministic: a segmented reduction over entries sorted by feature.
+        return tk.sparse_scatter_rows(_c(coef), _c(indices), _c(counts), _c(grad), d_sae)
+
+    register_sparse_prims_meta(ns)
+
+    @torch.library.custom_op(f"{ns}::adam_b1zero_rows_", mutates_args=("param", "v", "last"))
+    def adam_b1zero_rows_(
+        param: Tensor, v: Tensor, last: Tensor, rows: Tensor | None, grad: Tensor, step: int, lr: float,
+        beta2: float, eps: float, sparse_dim: int | None, renorm: bool,
+    ) -> None:
+        op = f"{ns}::adam_b1zero_rows_"
+        if checked:
+            n_rows, _ = _checks.check_adam_rows_args(op, param, v, last, rows, grad, sparse_dim)
+            if rows is not None:
+                _checks.check_rows(op, rows, n_rows, defer=True)
+        else:
+            for name, t in (("param", param), ("v", v)):
+                if not t.is_contiguous():
+                    raise ValueError(f"{op}: {name} must be contiguous")
+        tk.adam_b1zero_rows_(param, v, last, rows, grad, step=step, lr=lr, beta2=beta2, eps=eps,
+                             sparse_dim=sparse_dim, renorm=renorm)
+
+    @adam_b1zero_rows_.register_fake
+    def _(param, v, last, rows, grad, step, lr, beta2, eps, sparse_dim, renorm):
+        return None
 
 
-register_sparse_prims_meta(NS)
-PRIMS = prims_from_ops(getattr(torch.ops, NS), True)
+_define_sparse_ops(NS, checked=True)
+NS_UNCHECKED = "sae_fast_triton_unchecked"
+_define_sparse_ops(NS_UNCHECKED, checked=False)
+UNCHECKED = getattr(torch.ops, NS_UNCHECKED)
+# The training step's primitives: indices and counts come from sae_fast's own encoder.
+PRIMS = prims_from_ops(UNCHECKED, True)
 
 
 def triton_encoder(xin, W_enc, b_enc, threshold, half_bandwidth: float) -> EncodedSets:
@@ -144,20 +205,3 @@ def _unavailable(device: torch.device):
 
 
 backends.register("triton", TritonBackend, _unavailable)
-
-
-@torch.library.custom_op(f"{NS}::adam_b1zero_rows_", mutates_args=("param", "v", "last"))
-def adam_b1zero_rows_(
-    param: Tensor, v: Tensor, last: Tensor, rows: Tensor | None, grad: Tensor, step: int, lr: float, beta2: float,
-    eps: float, sparse_dim: int | None, renorm: bool,
-) -> None:
-    for name, t in (("param", param), ("v", v)):
-        if not t.is_contiguous():
-            raise ValueError(f"adam_b1zero_rows_: {name} must be contiguous")
-    tk.adam_b1zero_rows_(param, v, last, rows, grad, step=step, lr=lr, beta2=beta2, eps=eps, sparse_dim=sparse_dim,
-                         renorm=renorm)
-
-
-@adam_b1zero_rows_.register_fake
-def _(param, v, last, rows, grad, step, lr, beta2, eps, sparse_dim, renorm):
-    return None

@@ -30,17 +30,21 @@ def err_vs(out: torch.Tensor, ref64: torch.Tensor) -> float:
     return float((out.detach().double() - ref64.detach().double()).abs().max())
 
 
-def assert_close_as_dense(out, ref64, dense_same_dtype, factor=2.0, what="output", ulp_dtype=None):
+def assert_close_as_dense(out, ref64, dense_same_dtype, factor=2.0, what="output", ulp_dtype=None, roundings=1):
     """out must be as close to the float64 truth as the dense path in the same dtype is.
 
     The tolerance is measured, not chosen: factor x the dense path's own max
-    error, plus one ulp-scale term so that exact-in-fp32 cases don't demand 0.
+    error, plus an ulp-scale term so that exact-in-fp32 cases don't demand 0:
+    one ulp per rounding of the kernel's sum (`roundings`, 1 for a kernel that
+    accumulates in float64 and rounds once). On a tiny output the dense path's
+    measured error can be 0 by luck, while a float32 accumulation of k terms rounds
+    up to k times.
     """
     assert out.shape == ref64.shape, (out.shape, ref64.shape)
     assert not torch.isnan(out).any() or torch.isnan(ref64).any(), f"{what}: NaN where the truth has none"
     e_out, e_dense = err_vs(out, ref64), err_vs(dense_same_dtype, ref64)
     scale = float(ref64.detach().abs().max()) if ref64.numel() else 0.0
-    floor = torch.finfo(ulp_dtype or out.dtype).eps * max(scale, 1e-6)
+    floor = roundings * torch.finfo(ulp_dtype or out.dtype).eps * max(scale, 1e-6)
     assert e_out <= factor * e_dense + floor, f"{what}: max error {e_out:.3g} vs dense path {e_dense:.3g} (floor {floor:.3g})"
 
 
@@ -96,3 +100,53 @@ def random_sparse_case(n, s, cap_extra=0, dtype=torch.float32, all_active=False,
         idx[b, :c] = torch.randperm(s)[:c]
         val[b, :c] = torch.rand(c) + 0.1
     return idx.to(device), val.to(dtype).to(device), counts.to(device)
+
+
+def adam_case(shape, sd, dtype, touch):
+    """A random optimizer-row case: param (unit-norm rows along sd), v, last, the rows
+    touched ("some", "all", "none"; None for a dense parameter) and their gradients."""
+    from sae_fast import reference
+
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
+    p = torch.randn(shape, generator=g)
+    if sd is not None and len(shape) == 2:
+        p = p / reference.row_view(p, sd).norm(dim=1, keepdim=True).reshape([-1 if d == sd else 1 for d in range(2)])
+    v = torch.rand(shape, generator=g) * 1e-2
+    n_rows = shape[sd] if sd is not None else 1
+    last = torch.randint(0, 7, (n_rows,), generator=g)
+    if sd is None:
+        rows = None
+        grad = torch.randn(1, p.numel(), generator=g)
+    else:
+        rows = {"some": torch.randperm(n_rows, generator=g)[: max(1, n_rows // 3)].sort().values,
+                "all": torch.arange(n_rows), "none": torch.zeros(0, dtype=torch.int64)}[touch]
+        length = p.numel() // n_rows
+        grad = torch.randn(rows.numel(), length, generator=g)
+    return p.to(dtype), v, last, rows, grad
+
+
+def check_adam_rows(kernel, p, v, last, rows, grad, **kw):
+    """Run kernel(param, v, last, rows, grad, **kw) (in place, adam_b1zero_rows_'s contract)
+    on copies and check it against the float64 truth with the tolerance of the reference
+    in the same dtype; rows not named must not be written at all. Returns (param, v, last)."""
+    from sae_fast import reference
+
+    dtype, sd = p.dtype, kw["sparse_dim"]
+    p64, v64, l64 = p.double(), v.double(), last.clone()
+    reference.adam_b1zero_rows_(p64, v64, l64, rows, grad.double(), **kw)
+    pr, vr, lr_ = p.clone(), v.clone(), last.clone()
+    reference.adam_b1zero_rows_(pr, vr, lr_, rows, grad.to(dtype), **kw)
+    pk, vk, lk = p.clone(), v.clone(), last.clone()
+    kernel(pk, vk, lk, rows, grad.to(dtype), **kw)
+    assert torch.equal(lk, lr_) and torch.equal(lk, l64)
+    idx = rows if rows is not None else torch.zeros(1, dtype=torch.int64)
+    untouched = torch.ones(last.numel(), dtype=torch.bool)
+    untouched[idx] = False
+    for got, before in ((pk, p), (vk, v)):  # rows not named are not written at all
+        assert torch.equal(reference.row_view(got, sd)[untouched], reference.row_view(before, sd)[untouched])
+    assert_close_as_dense(vk, v64, vr, what="v")
+    assert_close_as_dense(pk, p64, pr, what="param")
+    if kw.get("renorm") and idx.numel():
+        norms = reference.row_view(pk, sd)[idx].float().norm(dim=1)
+        torch.testing.assert_close(norms, torch.ones_like(norms), rtol=2 * torch.finfo(dtype).eps * 11**0.5, atol=0)
+    return pk, vk, lk

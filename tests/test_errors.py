@@ -65,3 +65,22 @@ def test_nan_propagates_through_module(sae):
     x[2, 0] = float("nan")
     for out in (sae(x), sae.decode(sae.encode_sparse(x))):
         assert torch.isnan(out[2]).all() and not torch.isnan(out[:2]).any()
+
+
+def test_capacity_and_out_of_range_errors(sae):
+    x = torch.randn(2, 8)
+    with pytest.raises(TypeError, match=r"capacity must be a non-negative int or None, got float 2\.5"):
+        sae.encode_sparse(x, capacity=2.5)
+    with pytest.raises(ValueError, match=r"capacity must be a non-negative int or None, got -1"):
+        sae.encode_sparse(x, capacity=-1)
+    acts = sae.encode_sparse(x, capacity=3)
+    bad = sae_fast.SparseActs(acts.indices.clone(), acts.values, acts.counts, 16)
+    bad.indices[1, 0] = 16
+    bad.counts[1] = 1
+    # an IndexError and a ValueError at once: out of range
+    with pytest.raises(IndexError, match=r"sparse_decode: indices\[1, 0\]=16 outside \[0, d_sae=16\)"):
+        sae.decode(bad)
+    cap = bad.capacity  # at least 3: it grows to the largest row count
+    bad.counts[0] = cap + 1
+    with pytest.raises(ValueError, match=rf"sparse_decode: counts\[0\]={cap + 1} outside \[0, capacity={cap}\]"):
+        sae.decode(bad)

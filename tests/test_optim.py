@@ -9,7 +9,7 @@ from sae_fast import JumpReLUSAE
 from sae_fast import reference
 from sae_fast.optim import SparseAdamB1Zero
 
-from helpers import DTYPES, assert_close_as_dense
+from helpers import DTYPES, adam_case, assert_close_as_dense, check_adam_rows
 
 
 def _params():
@@ -161,25 +161,6 @@ LAYOUTS = [  # (shape, sparse_dim, renorm)
 ]
 
 
-def _op_case(shape, sd, dtype, touch):
-    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
-    p = torch.randn(shape, generator=g)
-    if sd is not None and len(shape) == 2:
-        p = p / reference.row_view(p, sd).norm(dim=1, keepdim=True).reshape([-1 if d == sd else 1 for d in range(2)])
-    v = torch.rand(shape, generator=g) * 1e-2
-    n_rows = shape[sd] if sd is not None else 1
-    last = torch.randint(0, 7, (n_rows,), generator=g)
-    if sd is None:
-        rows = None
-        grad = torch.randn(1, p.numel(), generator=g)
-    else:
-        rows = {"some": torch.randperm(n_rows, generator=g)[: n_rows // 3].sort().values,
-                "all": torch.arange(n_rows), "none": torch.zeros(0, dtype=torch.int64)}[touch]
-        length = p.numel() // n_rows
-        grad = torch.randn(rows.numel(), length, generator=g)
-    return p.to(dtype), v, last, rows, grad
-
-
 def _skip_unavailable(backend):
     from sae_fast import backends
 
@@ -206,26 +187,9 @@ def _kernel(backend):
 @pytest.mark.parametrize("beta2", [0.99, 0.0])
 def test_fused_kernel_matches_reference(backend, shape, sd, renorm, dtype, touch, beta2):
     kernel = _kernel(backend)
-    p, v, last, rows, grad = _op_case(shape, sd, dtype, touch)
-    kw = dict(step=7, lr=3e-2, beta2=beta2, eps=1e-8, sparse_dim=sd, renorm=renorm)
-    # the float64 truth, the reference in the same dtype, the kernel
-    p64, v64, l64 = p.double(), v.double(), last.clone()
-    reference.adam_b1zero_rows_(p64, v64, l64, rows, grad.double(), **kw)
-    pr, vr, lr_ = p.clone(), v.clone(), last.clone()
-    reference.adam_b1zero_rows_(pr, vr, lr_, rows, grad.to(dtype), **kw)
-    pk, vk, lk = p.clone(), v.clone(), last.clone()
-    kernel(pk, vk, lk, rows, grad.to(dtype), **kw)
-    assert torch.equal(lk, lr_) and torch.equal(lk, l64)
-    idx = rows if rows is not None else torch.zeros(1, dtype=torch.int64)
-    untouched = torch.ones(last.numel(), dtype=torch.bool)
-    untouched[idx] = False
-    for got, before in ((pk, p), (vk, v)):  # rows not named are not written at all
-        assert torch.equal(reference.row_view(got, sd)[untouched], reference.row_view(before, sd)[untouched])
-    assert_close_as_dense(vk, v64, vr, what="v")
-    assert_close_as_dense(pk, p64, pr, what="param")
-    if renorm and touch != "none":
-        norms = reference.row_view(pk, sd)[idx].float().norm(dim=1)
-        torch.testing.assert_close(norms, torch.ones_like(norms), rtol=2 * torch.finfo(dtype).eps * 11**0.5, atol=0)
+    p, v, last, rows, grad = adam_case(shape, sd, dtype, touch)
+    check_adam_rows(kernel, p, v, last, rows, grad, step=7, lr=3e-2, beta2=beta2, eps=1e-8, sparse_dim=sd,
+                    renorm=renorm)
 
 
 def test_step_rows_equals_step_with_dense_grads_and_torch_adam():
@@ -279,7 +243,7 @@ def test_cuda_kernel_matches_reference(shape, sd, renorm, dtype):
     from sae_fast import cpp_ops
 
     cpp_ops._register_ops()
-    p, v, last, rows, grad = _op_case(shape, sd, dtype, "some")
+    p, v, last, rows, grad = adam_case(shape, sd, dtype, "some")
     kw = dict(step=7, lr=3e-2, beta2=0.99, eps=1e-8, sparse_dim=sd, renorm=renorm)
     p64, v64, l64 = p.double(), v.double(), last.clone()
     reference.adam_b1zero_rows_(p64, v64, l64, rows, grad.double(), **kw)
