@@ -11,7 +11,6 @@ PNG plots.
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import statistics

@@ -20,7 +20,7 @@ import os
 import torch
 from torch import Tensor
 
-from . import _checks, backends, reference
+from . import _checks, backends
 from .cpp_ops import prims_from_ops, register_sparse_prims_meta
 from .sparse import SparseActs, valid_slots
 from .sparse_train import EncodedSets, sparse_jumprelu_sae_loss, sparse_jumprelu_sae_row_grads
