@@ -58,6 +58,20 @@ def compact(mask: torch.Tensor, values: torch.Tensor | None = None):
     return idx, val, counts.to(torch.int32)
 
 
+def segment_by_feature(indices: torch.Tensor, counts: torch.Tensor, d_sae: int):
+    """(order, start): the valid flat slots b*K+k grouped by feature, stable in (b, k),
+    and each feature's first position in `order` (int64 [d_sae + 1]). Padding slots, and
+    indices outside [0, d_sae), are keyed d_sae and sort past every group. The layout
+    the deterministic segmented scatter kernels read (Triton; csrc/sparse_ops_cuda.cu
+    forms the same with ATen ops)."""
+    ok = valid_slots(indices, counts) & (indices >= 0) & (indices < d_sae)
+    key = torch.where(ok, indices, d_sae).reshape(-1)
+    order = torch.sort(key, stable=True).indices
+    start = torch.zeros(d_sae + 1, dtype=torch.int64, device=indices.device)
+    start[1:] = torch.cumsum(torch.bincount(key, minlength=d_sae + 1)[:d_sae], 0)
+    return order, start
+
+
 class SparseActs:
     __slots__ = ("indices", "values", "counts", "d_sae", "batch_shape")
 

@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .sparse import valid_slots
+from .sparse import segment_by_feature, valid_slots
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
@@ -523,13 +523,8 @@ def sparse_scatter_rows(coef, indices, counts, grad, d_sae, out=None):
     n, k = indices.shape
     d = grad.shape[1]
     out = out if out is not None else torch.empty(d_sae, d, dtype=grad.dtype, device=grad.device)
-    # Group entries by feature: padding slots, and indices outside [0, d_sae), get the
-    # key d_sae and sort last (no entry of any row).
-    ok = valid_slots(indices, counts) & (indices >= 0) & (indices < d_sae)
-    key = torch.where(ok, indices, d_sae).reshape(-1)
-    order = torch.sort(key, stable=True).indices  # stable: (b, k) order inside a feature
-    start = torch.zeros(d_sae + 1, dtype=torch.int64, device=grad.device)
-    start[1:] = torch.cumsum(torch.bincount(key, minlength=d_sae + 1)[:d_sae], 0)
+    # entries grouped by feature (padding and indices outside [0, d_sae) in no group)
+    order, start = segment_by_feature(indices, counts, d_sae)
     if d_sae == 0 or d == 0:
         return out
     BD = _bd(d)

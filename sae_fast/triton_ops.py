@@ -78,8 +78,6 @@ def _(x, W_enc, b_enc, threshold, half_bandwidth, band):
     )
 
 
-
-
 def _check_ranges(op: str, indices: Tensor, counts: Tensor, d_sae: int) -> None:
     _checks.check_sparse_ranges(op, indices, counts, d_sae, defer=True, locate=tk.locate_sparse)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from sae_fast import reference
-from sae_fast.sparse import valid_slots
+from sae_fast.sparse import segment_by_feature
 
 from .harness import CODE, run_ok
 
@@ -37,16 +37,6 @@ def sparse_gather_dot(grad, indices, counts, W, **emu):
                dict(w=CODE[W.dtype], g=CODE[grad.dtype], N=n, K=k, S=s, D=d),
                arrays=dict(grad=grad, indices=indices, counts=counts, W=W, out=_nan((n, k), grad.dtype)), **emu)
     return a["out"]
-
-
-def segment_by_feature(indices, counts, d_sae):
-    """(order, start) as csrc/sparse_ops_cuda.cu forms them: the valid flat slots grouped
-    by feature, stable in (b, k), and each feature's first entry."""
-    key = torch.where(valid_slots(indices, counts), indices, d_sae).reshape(-1)
-    order = torch.sort(key, stable=True).indices
-    start = torch.zeros(d_sae + 1, dtype=torch.int64)
-    start[1:] = torch.cumsum(torch.bincount(key, minlength=d_sae + 1)[:d_sae], 0)
-    return order, start
 
 
 def sparse_scatter_rows(coef, indices, counts, grad, d_sae, deterministic=True, **emu):

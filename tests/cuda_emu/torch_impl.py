@@ -12,9 +12,9 @@ from functools import lru_cache
 import torch
 
 from sae_fast import sparse_train
+from sae_fast.sparse import segment_by_feature
 
 from .harness import CODE, build_library
-from .ops import segment_by_feature
 
 _I64, _I32, _P = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
 
