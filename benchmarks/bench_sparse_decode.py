@@ -17,17 +17,16 @@ import torch
 
 import sae_fast
 from sae_fast import reference
+from sae_fast.dtypes import DTYPES
 from sae_fast.sparse import SparseActs
 
 from .common import environment, time_fn, write
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def make_acts(tokens, d_sae, l0, dtype, device, gen):
     idx = torch.stack([torch.randperm(d_sae, generator=gen)[:l0] for _ in range(tokens)])
     val = torch.rand(tokens, l0, generator=gen) + 0.1
-    sp = SparseActs(idx, val.to(dtype), torch.full((tokens,), l0, dtype=torch.int32), d_sae).to(device)
+    sp = SparseActs(idx, val.to(dtype), torch.full((tokens, ), l0, dtype=torch.int32), d_sae).to(device)
     return sp, sp.to_dense()
 
 
@@ -48,10 +47,12 @@ def main(argv=None):
     b = torch.randn(a.d_in, generator=gen).to(dtype).to(dev)
     inputs = [make_acts(a.tokens, a.d_sae, a.l0, dtype, dev, gen) for _ in range(2)]
 
-    contenders = {"dense acts @ W_dec": lambda i: i[1] @ W + b,
-                  "reference sparse (index_select+einsum)": lambda i: reference.sparse_decode(i[0], W, b)}
-    for name in ("cpu", "cuda", "triton"):
-        if sae_fast.backends.unavailable_reason(name, dev) is None and not (name == "triton" and dev.type == "cpu"):
+    contenders = {
+        "dense acts @ W_dec": lambda i: i[1] @ W + b,
+        "reference sparse (index_select+einsum)": lambda i: reference.sparse_decode(i[0], W, b)
+    }
+    for name in sae_fast.backends.timed(dev):
+        if name != "torch":  # the reference is the contender above
             contenders[f"sae_fast {name}"] = (lambda nm: lambda i: sae_fast.sparse_decode(i[0], W, b, backend=nm))(name)
 
     sp0, dense0 = inputs[0]
@@ -72,12 +73,15 @@ def main(argv=None):
         r["sparse_GBps"] = sparse_bytes / r["median_s"] / 1e9
     env = environment()
     cfg = {k: getattr(a, k) for k in ("device", "d_in", "d_sae", "tokens", "l0", "dtype", "reps")}
-    md = [f"# sparse_decode vs dense decode ({env['device']}, {env['cpu_threads']} threads)", "",
-          f"d_in {a.d_in}, d_sae {a.d_sae}, {a.tokens} tokens, L0 {a.l0}, {a.dtype}; median of {a.reps} runs "
-          f"after 2 warm-ups, 2 rotated inputs. torch {env['torch']}, sae_fast {env['sae_fast']}, commit {env['commit'][:12]}, {env['date']}.",
-          "", "| contender | median ms | p25–p75 ms | speedup vs dense | correct |", "|---|---|---|---|---|"]
+    md = [
+        f"# sparse_decode vs dense decode ({env['device']}, {env['cpu_threads']} threads)", "",
+        f"d_in {a.d_in}, d_sae {a.d_sae}, {a.tokens} tokens, L0 {a.l0}, {a.dtype}; median of {a.reps} runs "
+        f"after 2 warm-ups, 2 rotated inputs. torch {env['torch']}, sae_fast {env['sae_fast']}, "
+        f"commit {env['commit'][:12]}, {env['date']}.", "",
+        "| contender | median ms | p25–p75 ms | speedup vs dense | correct |", "|---|---|---|---|---|"
+    ]
     for r in rows:
-        md.append(f"| {r['contender']} | {r['median_s']*1e3:.2f} | {r['p25_s']*1e3:.2f}–{r['p75_s']*1e3:.2f} "
+        md.append(f"| {r['contender']} | {r['median_s'] * 1e3:.2f} | {r['p25_s'] * 1e3:.2f}–{r['p75_s'] * 1e3:.2f} "
                   f"| {r['speedup_vs_dense']:.1f}× | {'yes' if r['correct'] else 'NO'} |")
     md.append("")
     text = "\n".join(md)

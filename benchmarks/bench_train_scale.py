@@ -1,4 +1,4 @@
-"""The training step at Gemma Scope's widest size: sae_fast's lean step against the dense PyTorch step.
+"""The training step at Gemma Scope's widest size: sae_fast's row-grads step against the dense PyTorch step.
 
     python -m benchmarks.bench_train_scale [--d-in 2304] [--d-sae 1048576] [--batch 4096] [--l0 64]
         [--dtype bfloat16] [--steps 30] [--warmup 5] [--backend auto] [--device auto] [--no-dense]
@@ -11,9 +11,9 @@ SAE: the Gemma Scope init (unit-norm decoder rows, W_enc = W_decᵀ), bf16
 weights, thresholds set so that the expected L0 is --l0 (a trained SAE's
 regime; a fresh threshold 0.001 init runs the chunked dense path instead).
 
-sae_fast: the lean step of `sae-fast train` (train.lean_step: compact row
+sae_fast: the row-grads step of `sae-fast train` (train.row_grads_step: compact row
 gradients, parallel-gradient removal, SparseAdamB1Zero with the fused
-adam_b1zero_rows_ and in-pass decoder renormalisation). Dense: train.dense_step
+adam_b1zero_rows_ and in-pass decoder renormalisation). Dense: train.autograd_step
 on the torch backend, the reference loss with autograd and
 torch.optim.Adam(betas=(0, 0.999)), the step a dense PyTorch SAE trainer runs;
 an out-of-memory is recorded as such.
@@ -33,12 +33,11 @@ import time
 import torch
 
 import sae_fast
+from sae_fast.dtypes import DTYPES
 from sae_fast.optim import SparseAdamB1Zero
-from sae_fast.train import dense_step, lean_step
+from sae_fast.train import autograd_step, row_grads_step
 
 from .common import environment, write
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,6 +90,7 @@ def set_thresholds(sae, acts: Activations, l0: float, chunk: int = 65536) -> Non
 
 def _timer(device):
     if device.type == "cuda":
+
         def run(fn):
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             a.record()
@@ -99,10 +99,12 @@ def _timer(device):
             torch.cuda.synchronize()
             return a.elapsed_time(b) / 1e3, out
     else:
+
         def run(fn):
             t = time.perf_counter()
             out = fn()
             return time.perf_counter() - t, out
+
     return run
 
 
@@ -117,9 +119,11 @@ def measure(step, acts, args, device) -> dict:
             l0s.append(float(out[1]))
     times.sort()
     med = times[len(times) // 2]
-    return {"median_step_s": med, "min_step_s": times[0], "max_step_s": times[-1],
-            "tokens_per_s": args.batch / med, "mean_l0": sum(l0s) / len(l0s), "last_loss": losses[-1],
-            "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None}
+    return {
+        "median_step_s": med, "min_step_s": times[0], "max_step_s": times[-1], "tokens_per_s": args.batch / med,
+        "mean_l0": sum(l0s) / len(l0s), "last_loss": losses[-1],
+        "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    }
 
 
 def run_sae_fast(args, device, dtype, acts) -> dict:
@@ -128,12 +132,11 @@ def run_sae_fast(args, device, dtype, acts) -> dict:
     opt = SparseAdamB1Zero.for_sae(sae, decoder_unit_norm=True, lr=7e-5, beta2=0.999)
 
     def step(x):
-        out = lean_step(sae, opt, x, l0_coefficient=1e-3, bandwidth=1e-3, decoder_unit_norm=True, grad_clip=0.0)
+        out = row_grads_step(sae, opt, x, l0_coefficient=1e-3, bandwidth=1e-3, decoder_unit_norm=True, grad_clip=0.0)
         return out.loss, out.l0
 
     rec = measure(step, acts, args, device)
     rec["backend"] = sae.resolved_backend()
-    del sae, opt
     return rec
 
 
@@ -143,16 +146,16 @@ def run_dense(args, device, dtype, acts) -> dict:
     opt = torch.optim.Adam(sae.parameters(), lr=7e-5, betas=(0.0, 0.999))
 
     def step(x):
-        out = dense_step(sae, opt, x, l0_coefficient=1e-3, bandwidth=1e-3, decoder_unit_norm=True, grad_clip=0.0)
+        out = autograd_step(sae, opt, x, l0_coefficient=1e-3, bandwidth=1e-3, decoder_unit_norm=True, grad_clip=0.0)
         return out.loss.detach(), out.l0
 
     try:
         return measure(step, acts, args, device)
     except torch.OutOfMemoryError as e:
-        return {"error": "out of memory", "detail": str(e).split("\n")[0],
-                "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None}
-    finally:
-        del sae, opt
+        return {
+            "error": "out of memory", "detail": str(e).split("\n")[0],
+            "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        }
 
 
 def _reset(device):
@@ -163,19 +166,21 @@ def _reset(device):
 
 def markdown(rec: dict) -> str:
     env, c = rec["environment"], rec["config"]
-    lines = [f"# Training step at d_in={c['d_in']} d_sae={c['d_sae']} batch={c['batch']} L0~{c['l0']} {c['dtype']}",
-             "", f"{env['device']}; torch {env['torch']}, triton {env['triton']}, sae_fast {env['sae_fast']}, "
-             f"commit {env['commit']}", "", f"`{rec['command']}`", "",
-             "| step | median ms | tokens/s | peak memory GiB | mean L0 |", "|---|---|---|---|---|"]
+    lines = [
+        f"# Training step at d_in={c['d_in']} d_sae={c['d_sae']} batch={c['batch']} L0~{c['l0']} {c['dtype']}", "",
+        f"{env['device']}; torch {env['torch']}, triton {env['triton']}, sae_fast {env['sae_fast']}, "
+        f"commit {env['commit']}", "", f"`{rec['command']}`", "",
+        "| step | median ms | tokens/s | peak memory GiB | mean L0 |", "|---|---|---|---|---|"
+    ]
     for name, r in rec["results"].items():
         if "error" in r:
             peak = r.get("peak_memory_bytes")
-            lines.append(f"| {name} | {r['error']} | - | {peak / 2**30:.2f} at failure |  - |" if peak else
-                         f"| {name} | {r['error']} | - | - | - |")
+            lines.append(f"| {name} | {r['error']} | - | {peak / 2**30:.2f} at failure |  - |"
+                         if peak else f"| {name} | {r['error']} | - | - | - |")
             continue
         peak = f"{r['peak_memory_bytes'] / 2**30:.2f}" if r["peak_memory_bytes"] is not None else "n/a (CPU)"
-        lines.append(f"| {name} | {r['median_step_s'] * 1e3:.2f} | {r['tokens_per_s']:,.0f} | {peak} | "
-                     f"{r['mean_l0']:.1f} |")
+        lines.append(
+            f"| {name} | {r['median_step_s'] * 1e3:.2f} | {r['tokens_per_s']:,.0f} | {peak} | {r['mean_l0']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -191,14 +196,17 @@ def main(argv=None) -> dict:
     acts = Activations(args.d_in, args.batch, dtype, device)
     results = {}
     _reset(device)
-    results["sae_fast lean step"] = run_sae_fast(args, device, dtype, acts)
+    results["sae_fast row-grads step"] = run_sae_fast(args, device, dtype, acts)
     if not args.no_dense:
         _reset(device)
         results["dense PyTorch step"] = run_dense(args, device, dtype, acts)
-    rec = {"environment": environment(), "config": {k: getattr(args, k) for k in ("d_in", "d_sae", "batch", "l0",
-                                                                                  "dtype", "steps", "warmup")},
-           "command": "python -m benchmarks.bench_train_scale " + " ".join(argv if argv is not None else sys.argv[1:]),
-           "results": results}
+    rec = {
+        "environment": environment(),
+        "config": {k: getattr(args, k)
+                   for k in ("d_in", "d_sae", "batch", "l0", "dtype", "steps", "warmup")},
+        "command": "python -m benchmarks.bench_train_scale " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "results": results
+    }
     md = markdown(rec)
     name = args.out or f"train_scale_{device.type}_{args.d_sae}"
     jp, mp = write(name, rec, md)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 
-from sae_fast.bench import environment, time_fn  # noqa: F401  (one timing implementation for every benchmark)
+from sae_fast.bench.harness import environment, time_fn  # noqa: F401  (one timing implementation for every benchmark)
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 

@@ -44,12 +44,18 @@ def _commands(args) -> dict[str, list[str]]:
         "build": [py, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-e", ROOT],
         "tests": [py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", *shlex.split(args.pytest_args)],
         # the same tests with every device access checked
-        "sanitizer": ["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "9", py, "-m", "pytest", "-q",
-                      "-m", "gpu", "-x", "-p", "no:cacheprovider", *shlex.split(args.pytest_args)],
-        "bench": [py, "-m", "sae_fast", "bench", "--device", "cuda", "--out", args.out, "--name",
-                  f"bench_{_slug()}", *shlex.split(args.bench_args)],
-        "train_scale": [py, "-m", "benchmarks.bench_train_scale", "--device", "cuda", "--out",
-                        f"train_scale_{_slug()}", *shlex.split(args.train_args)],
+        "sanitizer": [
+            "compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "9", py, "-m", "pytest", "-q", "-m", "gpu",
+            "-x", "-p", "no:cacheprovider", *shlex.split(args.pytest_args)
+        ],
+        "bench": [
+            py, "-m", "sae_fast", "bench", "--device", "cuda", "--out", args.out, "--name", f"bench_{_slug()}",
+            *shlex.split(args.bench_args)
+        ],
+        "train_scale": [
+            py, "-m", "benchmarks.bench_train_scale", "--device", "cuda", "--out", f"train_scale_{_slug()}",
+            *shlex.split(args.train_args)
+        ]
     }
 
 
@@ -91,16 +97,19 @@ def run_step(name: str, cmd: list[str], timeout: float, log_path: str) -> dict:
         code, status = None, "timeout"
     with open(log_path, "w") as f:
         f.write(out)
-    return {"step": name, "status": status, "exit_code": code, "seconds": round(time.time() - t0, 1),
-            "command": shlex.join(cmd), "log": os.path.relpath(log_path, ROOT), "tail": _tail(out)}
+    return {
+        "step": name, "status": status, "exit_code": code, "seconds": round(time.time() - t0, 1),
+        "command": shlex.join(cmd), "log": os.path.relpath(log_path, ROOT), "tail": _tail(out)
+    }
 
 
 def _markdown(record: dict) -> str:
     env = record["environment"]
-    lines = [f"# GPU acceptance on {env['device']}", "",
-             f"commit {env['commit']}, torch {env['torch']} (CUDA {env['cuda']}), triton {env['triton']}, "
-             f"sae_fast {env['sae_fast']}, {env['date']}", "",
-             "| step | status | seconds | command |", "|---|---|---|---|"]
+    lines = [
+        f"# GPU acceptance on {env['device']}", "",
+        f"commit {env['commit']}, torch {env['torch']} (CUDA {env['cuda']}), triton {env['triton']}, "
+        f"sae_fast {env['sae_fast']}, {env['date']}", "", "| step | status | seconds | command |", "|---|---|---|---|"
+    ]
     for s in record["steps"].values():
         lines.append(f"| {s['step']} | {s['status']} | {s.get('seconds', '')} | `{s['command']}` |")
     for s in record["steps"].values():
@@ -116,8 +125,9 @@ def main(argv=None) -> int:
         print(f"gpu_acceptance: unknown step(s) {bad}; expected some of {list(STEPS)}", file=sys.stderr)
         return 2
     if not torch.cuda.is_available() and not args.allow_cpu:
-        print("gpu_acceptance: no CUDA GPU here (torch.cuda.is_available() is False); nothing was run. "
-              "Run it on a GPU machine, or pass --allow-cpu to test this command.", file=sys.stderr)
+        print(
+            "gpu_acceptance: no CUDA GPU here (torch.cuda.is_available() is False); nothing was run. "
+            "Run it on a GPU machine, or pass --allow-cpu to test this command.", file=sys.stderr)
         return 2
     os.makedirs(args.out, exist_ok=True)
     base = os.path.join(args.out, f"gpu_acceptance_{_slug()}")

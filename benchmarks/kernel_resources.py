@@ -3,7 +3,7 @@
     python -m benchmarks.kernel_resources [--json] [--quick] [--kernel REGEX] [--arch sm_90a|sm_80]
         [--dtype float32|bfloat16|float16] [--language triton|cuda] [--jobs 2] [--no-write]
 
-Triton: every configuration sae_fast.triton_kernels.gpu_configs() lists (each launcher
+Triton: every configuration sae_fast.backends.triton_kernels.gpu_configs() lists (each launcher
 choice and autotune candidate: tiles, num_warps, num_stages, constexpr variants, output
 dtypes) is compiled with triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32)),
 pointers 16-byte aligned as torch allocates them. CUDA: every kernels/*.cu is compiled
@@ -43,22 +43,19 @@ RESULTS = os.path.join(ROOT, "benchmarks", "results")
 # Capability"; both 8.0 and 9.0): registers per SM, threads / blocks / warps per SM,
 # register allocation unit per warp, the most registers a thread may use, shared memory
 # per block (opt-in maximum) and per SM, and the 1 KiB the runtime reserves per block.
+_SM_8X_9X = dict(regs_per_sm=65536, threads_per_sm=2048, blocks_per_sm=32, warps_per_sm=64, reg_alloc_unit=256,
+                 max_regs_per_thread=255, smem_reserved_per_block=1024, smem_alloc_unit=128)  # the same on both
 ARCHS = {
-    "sm_90a": {"cc": 90, "regs_per_sm": 65536, "threads_per_sm": 2048, "blocks_per_sm": 32, "warps_per_sm": 64,
-               "reg_alloc_unit": 256, "max_regs_per_thread": 255, "smem_per_block": 227 * 1024,
-               "smem_per_sm": 228 * 1024, "smem_reserved_per_block": 1024, "smem_alloc_unit": 128},
-    "sm_80": {"cc": 80, "regs_per_sm": 65536, "threads_per_sm": 2048, "blocks_per_sm": 32, "warps_per_sm": 64,
-              "reg_alloc_unit": 256, "max_regs_per_thread": 255, "smem_per_block": 163 * 1024,
-              "smem_per_sm": 164 * 1024, "smem_reserved_per_block": 1024, "smem_alloc_unit": 128},
+    "sm_90a": {**_SM_8X_9X, "cc": 90, "smem_per_block": 227 * 1024, "smem_per_sm": 228 * 1024},
+    "sm_80": {**_SM_8X_9X, "cc": 80, "smem_per_block": 163 * 1024, "smem_per_sm": 164 * 1024},
 }
 NVCC_ARCH = {"sm_90a": "arch=compute_90a,code=sm_90a", "sm_80": "arch=compute_80,code=sm_80"}
 DTYPES = ("float32", "bfloat16", "float16")
 CUDA_DTYPES = {"float": "float32", "__nv_bfloat16": "bfloat16", "__half": "float16"}
 
-
-ROW_FIELDS = ("language", "kernel", "arch", "dtype", "config", "registers", "spill_stores", "spill_loads", "spill_bytes",
-              "stack_bytes", "shared_bytes", "smem_limit", "threads", "blocks_per_sm", "occupancy", "limiter",
-              "tensor_cores", "tensor_ops", "compile_s", "error")
+ROW_FIELDS = ("language", "kernel", "arch", "dtype", "config", "registers", "spill_stores", "spill_loads",
+              "spill_bytes", "stack_bytes", "shared_bytes", "smem_limit", "threads", "blocks_per_sm", "occupancy",
+              "limiter", "tensor_cores", "tensor_ops", "compile_s", "error")
 
 
 # ------------------------------------------------------------------ occupancy
@@ -69,10 +66,8 @@ def occupancy(arch: str, regs: int, threads: int, smem: int) -> dict:
     regs_per_warp = -(-max(regs, 1) * 32 // a["reg_alloc_unit"]) * a["reg_alloc_unit"]
     smem_block = -(-(smem + a["smem_reserved_per_block"]) // a["smem_alloc_unit"]) * a["smem_alloc_unit"]
     limits = {
-        "blocks": a["blocks_per_sm"],
-        "warps": a["warps_per_sm"] // warps,
-        "registers": (a["regs_per_sm"] // regs_per_warp) // warps,
-        "shared memory": a["smem_per_sm"] // smem_block,
+        "blocks": a["blocks_per_sm"], "warps": a["warps_per_sm"] // warps,
+        "registers": (a["regs_per_sm"] // regs_per_warp) // warps, "shared memory": a["smem_per_sm"] // smem_block
     }
     blocks = min(limits.values())
     limiter = min(limits, key=lambda k: (limits[k], k != "warps"))
@@ -88,7 +83,7 @@ def _triton_bin(name: str) -> str:
 
 
 def _nvcc() -> str | None:
-    return shutil.which("nvcc") or next((p for p in ("/usr/local/cuda/bin/nvcc",) if os.path.exists(p)), None)
+    return shutil.which("nvcc") or next((p for p in ("/usr/local/cuda/bin/nvcc", ) if os.path.exists(p)), None)
 
 
 def _resource_usage(cubin_path: str) -> dict:
@@ -162,7 +157,7 @@ _SPACE: dict = {}
 
 def _space(cc: int) -> list:
     if cc not in _SPACE:
-        from sae_fast import triton_kernels as tk
+        from sae_fast.backends import triton_kernels as tk
 
         _SPACE[cc] = tk.gpu_configs(cc)
     return _SPACE[cc]
@@ -171,7 +166,7 @@ def _space(cc: int) -> list:
 def _jit_fn(name: str):
     from triton.runtime.jit import JITFunction
 
-    from sae_fast import triton_kernels as tk
+    from sae_fast.backends import triton_kernels as tk
 
     fn = getattr(tk, name)
     while not isinstance(fn, JITFunction):
@@ -180,10 +175,10 @@ def _jit_fn(name: str):
 
 
 def triton_kernel_names() -> list[str]:
-    """Every Triton kernel of sae_fast.triton_kernels (jit functions named *_kernel)."""
+    """Every Triton kernel of sae_fast.backends.triton_kernels (jit functions named *_kernel)."""
     from triton.runtime.jit import JITFunction
 
-    from sae_fast import triton_kernels as tk
+    from sae_fast.backends import triton_kernels as tk
 
     return sorted(n for n, v in vars(tk).items() if isinstance(v, JITFunction) and n.endswith("_kernel"))
 
@@ -198,9 +193,10 @@ def _compile_triton(task) -> dict:
 
     a = ARCHS[arch]
     case = _space(a["cc"])[index]
-    row = {"language": "triton", "kernel": case["kernel"], "arch": arch, "dtype": case["dtype"],
-           "config": " ".join(f"{k}={_fmt(v)}" for k, v in case["config"].items()),
-           "threads": case["num_warps"] * 32}
+    row = {
+        "language": "triton", "kernel": case["kernel"], "arch": arch, "dtype": case["dtype"],
+        "config": " ".join(f"{k}={_fmt(v)}" for k, v in case["config"].items()), "threads": case["num_warps"] * 32
+    }
     fn = _jit_fn(case["kernel"])
     sig = case["signature"]
     missing = [p for p in fn.arg_names if p not in sig]
@@ -208,7 +204,7 @@ def _compile_triton(task) -> dict:
         return dict(row, error=f"signature lacks {missing}")
     # the pointers (16-byte aligned) and integers (multiples of 16) this launch sees as
     # such: Triton specialises on both at run time
-    attrs = {(fn.arg_names.index(p),): [["tt.divisibility", 16]] for p in case.get("divisible", ())}
+    attrs = {(fn.arg_names.index(p), ): [["tt.divisibility", 16]] for p in case.get("divisible", ())}
     src = ASTSource(fn, sig, case["constexprs"], attrs)
     t0 = time.time()
     log = io.StringIO()
@@ -233,8 +229,10 @@ def _compile_triton(task) -> dict:
     name = k.metadata.name
     info = _ptxas_log(log.getvalue()).get(name, {})
     reg = usage.get(name, {}).get("REG", info.get("registers"))
-    tc = {"wgmma": len(re.findall(r"^\s*wgmma\.mma_async", ptx, re.M)),
-          "mma": len(re.findall(r"^\s*mma\.sync", ptx, re.M))}
+    tc = {
+        "wgmma": len(re.findall(r"^\s*wgmma\.mma_async", ptx, re.M)),
+        "mma": len(re.findall(r"^\s*mma\.sync", ptx, re.M))
+    }
     static = info.get("smem", 0)
     return _finish(row, registers=reg, spill_stores=info.get("spill_stores"), spill_loads=info.get("spill_loads"),
                    stack=info.get("stack"), shared=static + k.metadata.shared, tensor_ops=tc)
@@ -252,12 +250,14 @@ def _finish(row, *, registers, spill_stores, spill_loads, stack, shared, tensor_
                spill_bytes=None if spill_stores is None else spill_stores + spill_loads, stack_bytes=stack,
                shared_bytes=shared, smem_limit=ARCHS[arch]["smem_per_block"],
                tensor_cores=", ".join(k for k, v in tensor_ops.items() if v) or "-",
-               tensor_ops={k: v for k, v in tensor_ops.items() if v})
+               tensor_ops={k: v
+                           for k, v in tensor_ops.items() if v})
     if registers is None or spill_stores is None:
         row["error"] = "no ptxas resource report for this function"
         return row
-    row.update(occupancy(arch, registers, row["threads"], shared) if row.get("threads") else
-               {"blocks_per_sm": None, "occupancy": None, "limiter": None})
+    row.update(
+        occupancy(arch, registers, row["threads"], shared) if row.
+        get("threads") else {"blocks_per_sm": None, "occupancy": None, "limiter": None})
     row.setdefault("error", None)
     return row
 
@@ -299,13 +299,16 @@ def _launch_blocks(text: str) -> dict:
     and SAE_LAUNCH(grid, block, smem, stream, k<...>), with `constexpr int NAME = value;`
     constants resolved. A block that does not resolve to an integer is left out."""
     text = _strip_comments(text)
-    consts = {m.group(1): m.group(2) for m in re.finditer(
-        r"constexpr\s+(?:unsigned\s+)?(?:int|int32_t|int64_t|unsigned|size_t|long)\s+(\w+)\s*=\s*([^;]+);", text)}
+    consts = {
+        m.group(1): m.group(2)
+        for m in re.finditer(
+            r"constexpr\s+(?:unsigned\s+)?(?:int|int32_t|int64_t|unsigned|size_t|long)\s+(\w+)\s*=\s*([^;]+);", text)
+    }
 
     def value(expr: str):
         for _ in range(4):
-            expr = re.sub(r"\b([A-Za-z_]\w*)\b", lambda m: f"({consts[m.group(1)]})" if m.group(1) in consts
-                          else m.group(1), expr)
+            expr = re.sub(r"\b([A-Za-z_]\w*)\b", lambda m: f"({consts[m.group(1)]})"
+                          if m.group(1) in consts else m.group(1), expr)
         expr = re.sub(r"static_cast<[^>]*>", "", expr)
         if re.fullmatch(r"[\d\s+\-*/()u]+", expr):
             try:
@@ -368,14 +371,17 @@ def _compile_cuda(task) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "k.cubin")
         t0 = time.time()
-        p = subprocess.run([nvcc, "-cubin", "-gencode", NVCC_ARCH[arch], "-std=c++17", "-O3",
-                            f"-I{os.path.join(ROOT, 'kernels')}", "-Xptxas", "-v", path, "-o", cubin],
-                           capture_output=True, text=True, cwd=ROOT)
+        p = subprocess.run([
+            nvcc, "-cubin", "-gencode", NVCC_ARCH[arch], "-std=c++17", "-O3", f"-I{os.path.join(ROOT, 'kernels')}",
+            "-Xptxas", "-v", path, "-o", cubin
+        ], capture_output=True, text=True, cwd=ROOT)
         secs = round(time.time() - t0, 2)
         if p.returncode != 0:
             err = next((ln for ln in (p.stderr + p.stdout).splitlines() if "error" in ln), p.stderr.strip()[:300])
-            return [dict(base, kernel=os.path.basename(path), dtype="-", config="", compile_s=secs,
-                         error=f"nvcc failed: {err.strip()[:300]}")]
+            return [
+                dict(base, kernel=os.path.basename(path), dtype="-", config="", compile_s=secs,
+                     error=f"nvcc failed: {err.strip()[:300]}")
+            ]
         usage = _resource_usage(cubin)
         sass = _sass_tensor_ops(cubin)
     info = _ptxas_log(p.stderr + p.stdout)
@@ -388,13 +394,14 @@ def _compile_cuda(task) -> list[dict]:
         tb = sorted(blocks.get(kernel, ()))
         ptx = info.get(mangled, {})
         for threads in tb or [None]:
-            row = dict(base, kernel=kernel, dtype=dtype, config=", ".join(targs) + (f" block={threads}" if threads else
-                                                                                    " block=?"),
-                       threads=threads, compile_s=secs, symbol=mangled)
+            row = dict(base, kernel=kernel, dtype=dtype,
+                       config=", ".join(targs) + (f" block={threads}" if threads else " block=?"), threads=threads,
+                       compile_s=secs, symbol=mangled)
             ops = {k.lower(): v for k, v in sass.get(mangled, {}).items()}
-            rows.append(_finish(row, registers=usage[mangled].get("REG", ptx.get("registers")),
-                                spill_stores=ptx.get("spill_stores"), spill_loads=ptx.get("spill_loads"),
-                                stack=ptx.get("stack"), shared=ptx.get("smem", 0), tensor_ops=ops))
+            rows.append(
+                _finish(row, registers=usage[mangled].get("REG", ptx.get("registers")),
+                        spill_stores=ptx.get("spill_stores"), spill_loads=ptx.get("spill_loads"),
+                        stack=ptx.get("stack"), shared=ptx.get("smem", 0), tensor_ops=ops))
     return rows
 
 
@@ -422,12 +429,16 @@ def _crashed(task, err) -> dict:
     if kind == "triton":
         arch, index = payload
         case = _space(ARCHS[arch]["cc"])[index]
-        row = {"language": "triton", "kernel": case["kernel"], "arch": arch, "dtype": case["dtype"],
-               "config": " ".join(f"{k}={_fmt(v)}" for k, v in case["config"].items())}
+        row = {
+            "language": "triton", "kernel": case["kernel"], "arch": arch, "dtype": case["dtype"],
+            "config": " ".join(f"{k}={_fmt(v)}" for k, v in case["config"].items())
+        }
     else:
         path, arch = payload
-        row = {"language": "cuda", "kernel": os.path.basename(path), "arch": arch, "dtype": "-", "config": "",
-               "source": os.path.relpath(path, ROOT)}
+        row = {
+            "language": "cuda", "kernel": os.path.basename(path), "arch": arch, "dtype": "-", "config": "",
+            "source": os.path.relpath(path, ROOT)
+        }
     return dict(row, error=f"compiler process died: {type(err).__name__}: {err}"[:300])
 
 
@@ -456,12 +467,14 @@ def collect(archs, *, quick=False, kernel=None, dtype=None, languages=("triton",
             tasks += [("triton", (arch, i)) for i, _ in cases]
     if "cuda" in languages:
         tasks += [("cuda", (p, arch)) for p in cuda_sources() for arch in archs]
+
     # longest first: the CUDA files and the encoder's big tiles
     def cost(t):
         if t[0] == "cuda":
             return 0
         c = _space(ARCHS[t[1][0]]["cc"])[t[1][1]]
         return 1 if c["kernel"] == "_jumprelu_encode_kernel" else 2
+
     tasks.sort(key=cost)
     rows = []
     try:
@@ -469,7 +482,7 @@ def collect(archs, *, quick=False, kernel=None, dtype=None, languages=("triton",
             for t in tasks:
                 rows += _run_task(t)
         else:
-            with ProcessPoolExecutor(jobs, initializer=_worker_init, initargs=(cache,)) as ex:
+            with ProcessPoolExecutor(jobs, initializer=_worker_init, initargs=(cache, )) as ex:
                 futures = [(t, ex.submit(_run_task, t)) for t in tasks]
                 for t, f in futures:
                     try:
@@ -478,8 +491,10 @@ def collect(archs, *, quick=False, kernel=None, dtype=None, languages=("triton",
                         rows.append(_crashed(t, e))
     finally:
         shutil.rmtree(cache, ignore_errors=True)
-    rows = [r for r in rows if (kernel is None or re.search(kernel, r["kernel"])) and
-            (dtype is None or r["dtype"] in (dtype, "any"))]
+    rows = [
+        r for r in rows
+        if (kernel is None or re.search(kernel, r["kernel"])) and (dtype is None or r["dtype"] in (dtype, "any"))
+    ]
     for r in rows:  # one set of fields for every row, failures included
         for k in ROW_FIELDS:
             r.setdefault(k, None)
@@ -524,10 +539,12 @@ def _versions() -> dict:
             return ""
 
     nvcc = _nvcc()
-    return {"commit": git("rev-parse", "HEAD") or "unknown", "dirty": bool(git("status", "--porcelain")),
-            "triton": triton.__version__, "ptxas": first([_triton_bin("ptxas"), "--version"]),
-            "nvcc": first([nvcc, "--version"]) if nvcc else None, "python": platform.python_version(),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    return {
+        "commit": git("rev-parse", "HEAD") or "unknown", "dirty": bool(git("status", "--porcelain")),
+        "triton": triton.__version__, "ptxas": first([_triton_bin("ptxas"), "--version"]),
+        "nvcc": first([nvcc, "--version"]) if nvcc else None, "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    }
 
 
 COLUMNS = [("language", "lang"), ("kernel", "kernel"), ("arch", "arch"), ("dtype", "dtype"), ("config", "config"),
@@ -536,6 +553,7 @@ COLUMNS = [("language", "lang"), ("kernel", "kernel"), ("arch", "arch"), ("dtype
 
 
 def markdown(rows, env, seconds, bad) -> str:
+
     def cell(r, k):
         v = r.get(k)
         if k == "occupancy" and v is not None:
@@ -544,15 +562,17 @@ def markdown(rows, env, seconds, bad) -> str:
             return f"{v} (**{r['error'][:80]}**)"
         return "" if v is None else str(v).replace("|", "\\|")
 
-    lines = ["# Kernel resources", "",
-             f"commit {env['commit']}{' (+ uncommitted changes)' if env['dirty'] else ''}; triton {env['triton']}; "
-             f"ptxas: {env['ptxas']}; nvcc: {env['nvcc']}; {env['date']}; {len(rows)} rows in {seconds:.0f} s.", "",
-             "Compiled without a GPU (`python -m benchmarks.kernel_resources`). Registers per thread from the "
-             "cubin; spill = spill stores + loads (bytes per thread); smem = static + dynamic shared memory per "
-             "block; occupancy = resident warps / 64, from registers (allocated in units of 256 per warp), threads "
-             "and shared memory (+1 KiB reserved per block) against 65536 registers, 2048 threads, 32 blocks and "
-             "164 KiB (sm_80) / 228 KiB (sm_90a) per SM.", "",
-             f"**{len(bad)} problem(s)**" if bad else "No spills, compile failures or shared-memory overflows.", ""]
+    lines = [
+        "# Kernel resources", "",
+        f"commit {env['commit']}{' (+ uncommitted changes)' if env['dirty'] else ''}; triton {env['triton']}; "
+        f"ptxas: {env['ptxas']}; nvcc: {env['nvcc']}; {env['date']}; {len(rows)} rows in {seconds:.0f} s.", "",
+        "Compiled without a GPU (`python -m benchmarks.kernel_resources`). Registers per thread from the "
+        "cubin; spill = spill stores + loads (bytes per thread); smem = static + dynamic shared memory per "
+        "block; occupancy = resident warps / 64, from registers (allocated in units of 256 per warp), threads "
+        "and shared memory (+1 KiB reserved per block) against 65536 registers, 2048 threads, 32 blocks and "
+        "164 KiB (sm_80) / 228 KiB (sm_90a) per SM.", "",
+        f"**{len(bad)} problem(s)**" if bad else "No spills, compile failures or shared-memory overflows.", ""
+    ]
     lines += [f"- {b}" for b in bad]
     lines += ["", "| " + " | ".join(h for _, h in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(cell(r, k) for k, _ in COLUMNS) + " |" for r in rows]
@@ -577,10 +597,11 @@ def main(argv=None) -> int:
     seconds = time.time() - t0
     bad = problems(rows)
     env = _versions()
-    record = {"environment": env, "architectures": ARCHS, "seconds": round(seconds, 1),
-              "selection": {"quick": a.quick, "kernel": a.kernel, "arch": a.arch, "dtype": a.dtype,
-                            "language": a.language},
-              "problems": bad, "rows": rows}
+    record = {
+        "environment": env, "architectures": ARCHS, "seconds": round(seconds, 1),
+        "selection": {"quick": a.quick, "kernel": a.kernel, "arch": a.arch, "dtype": a.dtype,
+                      "language": a.language}, "problems": bad, "rows": rows
+    }
     text = json.dumps(record, indent=1, allow_nan=False)
     if not a.no_write:
         os.makedirs(RESULTS, exist_ok=True)

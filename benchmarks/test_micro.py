@@ -11,7 +11,7 @@ import sae_fast
 from sae_fast.bench import Shape, Workload
 
 SHAPE = Shape(d_in=256, d_sae=4096, tokens=256, l0=16, dtype="float32")
-BACKENDS = [b for b in ("torch", "cpu") if sae_fast.backends.unavailable_reason(b, "cpu") is None]
+BACKENDS = sae_fast.backends.timed("cpu")
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
-// Input checks shared by the CPU (sparse_ops.cpp) and CUDA (sparse_ops_cuda.cu)
-// entries of sae_fast's ops: one function per op, so both devices reject the
-// same inputs with the same message (it names the op, the argument and what
+// Input checks shared by the CPU entries (csrc/cpu/) and the CUDA entries
+// (csrc/cuda/) of sae_fast's ops: one function per op, so both devices reject
+// the same inputs with the same message (it names the op, the argument and what
 // was expected).
 //
 // Range checks (check_ranges, check_rows_values) read the data of indices, counts
@@ -16,8 +16,11 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <cmath>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <utility>
 #include <vector>
 
@@ -57,12 +60,11 @@ inline void check_common(const at::Tensor& indices, const at::Tensor& counts, co
   TORCH_CHECK(indices.dim() == 2, op, ": indices must be 2-D [n_tokens, capacity], got ", indices.sizes());
   TORCH_CHECK(indices.scalar_type() == at::kLong, op, ": indices must be int64, got ", indices.scalar_type());
   TORCH_CHECK(counts.scalar_type() == at::kInt, op, ": counts must be int32, got ", counts.scalar_type());
-  TORCH_CHECK(counts.dim() == 1 && counts.size(0) == indices.size(0), op,
-              ": counts must be [n_tokens]=[", indices.size(0), "], got ", counts.sizes());
+  TORCH_CHECK(counts.dim() == 1 && counts.size(0) == indices.size(0), op, ": counts must be [n_tokens]=[",
+              indices.size(0), "], got ", counts.sizes());
   TORCH_CHECK(indices.is_contiguous() && counts.is_contiguous(), op, ": indices and counts must be contiguous");
-  TORCH_CHECK(indices.device() == ref.device() && counts.device() == ref.device(), op,
-              ": indices (", indices.device(), ") and counts (", counts.device(),
-              ") must be on the device of the data tensors (", ref.device(), ")");
+  TORCH_CHECK(indices.device() == ref.device() && counts.device() == ref.device(), op, ": indices (", indices.device(),
+              ") and counts (", counts.device(), ") must be on the device of the data tensors (", ref.device(), ")");
 }
 
 inline void check_float_tensor(const at::Tensor& t, const char* name, const char* op) {
@@ -150,8 +152,8 @@ inline void check_rows_values(const at::Tensor& r, int64_t n_rows, const char* o
   // One device->host read when the rows are strictly increasing (RowGrads, step()'s
   // nonzero rows): no sort. Otherwise a sort and a second read find the first repeat.
   auto p = first_true(r.lt(0).logical_or(r.ge(n_rows)));
-  auto increasing = n > 1 ? r.narrow(0, 1, n - 1).gt(r.narrow(0, 0, n - 1)).all().to(at::kLong)
-                          : at::ones({}, r.options());
+  auto increasing =
+      n > 1 ? r.narrow(0, 1, n - 1).gt(r.narrow(0, 0, n - 1)).all().to(at::kLong) : at::ones({}, r.options());
   auto h = at::stack({p, value_at(r, p), increasing}).cpu();
   const int64_t* s = h.data_ptr<int64_t>();
   if (s[2] == 1) {
@@ -196,8 +198,8 @@ inline at::ScalarType check_decode_args(const at::Tensor& indices, const at::Ten
   return ot;
 }
 
-inline at::ScalarType check_gather_dot_args(const at::Tensor& grad, const at::Tensor& indices,
-                                            const at::Tensor& counts, const at::Tensor& W) {
+inline at::ScalarType check_gather_dot_args(const at::Tensor& grad, const at::Tensor& indices, const at::Tensor& counts,
+                                            const at::Tensor& W) {
   const char* op = "sae_fast::sparse_gather_dot";
   check_common(indices, counts, W, op);
   check_float_tensor(grad, "grad", op);
@@ -220,8 +222,8 @@ inline at::ScalarType check_scatter_rows_args(const at::Tensor& coef, const at::
   check_float_tensor(coef, "coef", op);
   check_float_tensor(grad, "grad", op);
   check_same(coef, "coef", grad, "grad", op);
-  TORCH_CHECK(coef.sizes() == indices.sizes(), op, ": coef must have the shape of indices ", indices.sizes(),
-              ", got ", coef.sizes());
+  TORCH_CHECK(coef.sizes() == indices.sizes(), op, ": coef must have the shape of indices ", indices.sizes(), ", got ",
+              coef.sizes());
   TORCH_CHECK(d_sae >= 0, op, ": d_sae must be non-negative, got ", d_sae);  // 0: a compact step that touched no row
   TORCH_CHECK(grad.dim() == 2 && grad.size(0) == indices.size(0), op, ": grad must be [n_tokens=", indices.size(0),
               ", D], got ", grad.sizes());
@@ -268,10 +270,35 @@ inline RowGeometry check_adam_rows_args(const at::Tensor& param, const at::Tenso
   if (rows.has_value()) {
     const at::Tensor& r = *rows;
     TORCH_CHECK(r.scalar_type() == at::kLong && r.dim() == 1 && r.is_contiguous() && r.device() == param.device(), op,
-                ": rows must be a contiguous 1-D int64 tensor on param's device, got ", r.scalar_type(), " ", r.sizes());
+                ": rows must be a contiguous 1-D int64 tensor on param's device, got ", r.scalar_type(), " ",
+                r.sizes());
     check_rows_values(r, g.n_rows, op);
   }
   return g;
+}
+
+// jumprelu_select: pre [N, C] and its thresholds [C].
+inline void check_jumprelu_select_args(const at::Tensor& pre, const at::Tensor& threshold, double half_bandwidth,
+                                       int64_t col_offset) {
+  const char* op = "sae_fast::jumprelu_select";
+  TORCH_CHECK(pre.dim() == 2, op, ": pre must be 2-D [n_tokens, n_features], got ", pre.sizes());
+  const auto st = pre.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf, op,
+              ": pre must be float32, bfloat16 or float16, got ", st);
+  TORCH_CHECK(pre.is_contiguous(), op, ": pre must be contiguous");
+  const int64_t C = pre.size(1);
+  // counts are int32 and the kernels keep a column as int32
+  TORCH_CHECK(C <= std::numeric_limits<int32_t>::max(), op, ": pre has ", C,
+              " columns; at most 2^31 - 1 fit the int32 counts");
+  TORCH_CHECK(threshold.scalar_type() == at::kFloat, op, ": threshold must be float32, got ", threshold.scalar_type());
+  TORCH_CHECK(threshold.dim() == 1 && threshold.size(0) == C, op, ": threshold must be [n_features]=[", C, "], got ",
+              threshold.sizes());
+  TORCH_CHECK(threshold.is_contiguous(), op, ": threshold must be contiguous");
+  TORCH_CHECK(threshold.device() == pre.device(), op, ": threshold (", threshold.device(),
+              ") must be on pre's device (", pre.device(), ")");
+  TORCH_CHECK(half_bandwidth >= 0.0, op, ": half_bandwidth must be >= 0 (and not NaN), got ", half_bandwidth);
+  TORCH_CHECK(col_offset >= 0 && col_offset <= std::numeric_limits<int64_t>::max() - C, op,
+              ": col_offset must be >= 0 and col_offset + n_features must fit int64, got ", col_offset);
 }
 
 }  // namespace sae_fast

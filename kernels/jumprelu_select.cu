@@ -25,7 +25,7 @@
 //
 // Cost: memory-bound. pre is read twice (N*C*sizeof(T) per pass; the write pass
 // finds it in L2 only for small chunks), threshold from L1/L2, the outputs are
-// written once: N*(cap_a*(8+sizeof(T)) + cap_n*8) bytes. At 4096 x 20096 bf16
+// written once: N*(cap_a*(8+sizeof(T)) + cap_band*8) bytes. At 4096 x 20096 bf16
 // (one chunk of the 1 GiB workspace) that is ~330 MB of reads, ~0.1 ms at H100
 // bandwidth, against ~0.5 ms for the chunk's GEMM. Registers (ptxas, sm_90a):
 // count 28-32, write 40-42 (4 values + flags + pointers), no spills: 6 blocks
@@ -46,7 +46,7 @@ using detail::grid_x;
 using detail::to_f;
 using detail::with_type;
 
-constexpr int kWarps = 8;                // rows per block
+constexpr int kWarps = 8;  // rows per block
 constexpr int kThreads = 32 * kWarps;
 constexpr int kPer = 4;                  // consecutive columns per lane in the write pass
 constexpr int kStep = 32 * kPer;         // columns per warp step of the write pass
@@ -54,14 +54,12 @@ constexpr int64_t kTargetPieces = 4096;  // warps wanted per pass (132 SMs x 31)
 constexpr int64_t kMinSegLen = 2048;     // columns per piece, at least (16 write steps)
 constexpr unsigned kFull = 0xffffffffu;
 
-// The reference's float32 mask arithmetic (sae_fast/sparse_train.py).
+// The reference's float32 mask arithmetic (sae_fast/step/encoders.py).
 __device__ __forceinline__ int is_active(float p, float t) { return ((p > t) & (p > 0.0f)) | (p != p); }
 __device__ __forceinline__ int in_band(float p, float t, float hb) { return fabsf(p - t) < hb; }
 
 // A warp per item (a piece of a row); warps loop over the items past the grid.
-__device__ __forceinline__ int64_t warp_item() {
-  return static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
-}
+__device__ __forceinline__ int64_t warp_item() { return static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32; }
 __device__ __forceinline__ int64_t warp_stride() { return static_cast<int64_t>(gridDim.x) * kWarps; }
 
 // Piece `item` of the plan: row b, columns [c0, c1). Columns inside a row are
@@ -122,7 +120,7 @@ __global__ void select_count_kernel(const T* __restrict__ pre, const float* __re
 // A warp per row: totals, and the pieces' counts replaced by their exclusive prefix sums.
 __global__ void select_scan_kernel(int64_t N, int64_t segments, int32_t* __restrict__ seg_a,
                                    int32_t* __restrict__ seg_n, const int64_t* __restrict__ seg_s,
-                                   int32_t* __restrict__ a_cnt, int32_t* __restrict__ n_cnt,
+                                   int32_t* __restrict__ a_cnt, int32_t* __restrict__ band_cnt,
                                    int64_t* __restrict__ steps) {
   const int lane = static_cast<int>(threadIdx.x & 31u);
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kWarps;
@@ -157,7 +155,7 @@ __global__ void select_scan_kernel(int64_t N, int64_t segments, int32_t* __restr
     }
     if (lane == 0) {
       a_cnt[b] = run_a;
-      n_cnt[b] = run_n;
+      band_cnt[b] = run_n;
       steps[b] = run_s;
     }
   }
@@ -166,10 +164,10 @@ __global__ void select_scan_kernel(int64_t N, int64_t segments, int32_t* __restr
 template <typename T, bool BAND>
 __global__ void select_write_kernel(const T* __restrict__ pre, const float* __restrict__ thr, int64_t N, int64_t C,
                                     int64_t segments, int64_t seg_len, float hb, int64_t col_offset,
-                                    const int32_t* __restrict__ a_cnt, const int32_t* __restrict__ n_cnt,
-                                    const int32_t* __restrict__ a_base, const int32_t* __restrict__ n_base,
+                                    const int32_t* __restrict__ a_cnt, const int32_t* __restrict__ band_cnt,
+                                    const int32_t* __restrict__ a_base, const int32_t* __restrict__ band_base,
                                     int64_t* __restrict__ a_idx, T* __restrict__ a_val, int64_t cap_a,
-                                    int64_t* __restrict__ n_idx, int64_t cap_n) {
+                                    int64_t* __restrict__ band_idx, int64_t cap_band) {
   const int lane = static_cast<int>(threadIdx.x & 31u);
   for (int64_t item = warp_item(); item < N * segments; item += warp_stride()) {
     const Piece pc = piece_of(item, C, segments, seg_len);
@@ -181,9 +179,9 @@ __global__ void select_write_kernel(const T* __restrict__ pre, const float* __re
     int64_t kn = 0, base_n = 0;
     int64_t* on = nullptr;
     if constexpr (BAND) {
-      kn = clamp_count(n_cnt[pc.b], cap_n);
-      on = n_idx + pc.b * cap_n;
-      base_n = n_base ? n_base[item] : 0;
+      kn = clamp_count(band_cnt[pc.b], cap_band);
+      on = band_idx + pc.b * cap_band;
+      base_n = band_base ? band_base[item] : 0;
     }
     for (uint32_t j0 = pc.c0; j0 < pc.c1; j0 += kStep) {  // warp-uniform loop: the shuffles see every lane
       const uint32_t jl = j0 + static_cast<uint32_t>(lane) * kPer;
@@ -238,7 +236,7 @@ __global__ void select_write_kernel(const T* __restrict__ pre, const float* __re
         ov[k] = from_f<T>(0.0f);
       }
       if constexpr (BAND)
-        for (int64_t k = kn + lane; k < cap_n; k += 32) on[k] = 0;
+        for (int64_t k = kn + lane; k < cap_band; k += 32) on[k] = 0;
     }
   }
 }
@@ -263,7 +261,7 @@ SelectPlan jumprelu_select_plan(int64_t N, int64_t C) {
   auto round_up = [](int64_t v) { return (v + kStep - 1) / kStep * kStep; };
   const int64_t whole = round_up(C > 0 ? C : 1);
   if (N <= 0 || C <= kMinSegLen || N >= kTargetPieces) return {1, whole};
-  const int64_t want = (kTargetPieces + N - 1) / N;         // pieces per row to fill the GPU
+  const int64_t want = (kTargetPieces + N - 1) / N;        // pieces per row to fill the GPU
   const int64_t most = (C + kMinSegLen - 1) / kMinSegLen;  // pieces no shorter than kMinSegLen
   const int64_t s = want < most ? want : most;
   const int64_t len = round_up((C + s - 1) / s);
@@ -290,21 +288,21 @@ cudaError_t jumprelu_select_count(DType t, const void* pre, const float* thresho
 }
 
 cudaError_t jumprelu_select_scan(int64_t N, SelectPlan plan, int32_t* seg_a, int32_t* seg_n, const int64_t* seg_s,
-                                 int32_t* a_cnt, int32_t* n_cnt, int64_t* steps, cudaStream_t stream) {
+                                 int32_t* a_cnt, int32_t* band_cnt, int64_t* steps, cudaStream_t stream) {
   if (N < 0 || plan.segments < 1) return cudaErrorInvalidValue;
   if (N == 0) return cudaSuccess;
   SAE_LAUNCH(warp_blocks(N), kThreads, 0, stream, select_scan_kernel)(N, plan.segments, seg_a, seg_n, seg_s, a_cnt,
-                                                                        n_cnt, steps);
+                                                                      band_cnt, steps);
   return cudaGetLastError();
 }
 
 cudaError_t jumprelu_select_write(DType t, const void* pre, const float* threshold, int64_t N, int64_t C,
                                   SelectPlan plan, float half_bandwidth, bool band, int64_t col_offset,
-                                  const int32_t* a_cnt, const int32_t* n_cnt, const int32_t* a_base,
-                                  const int32_t* n_base, int64_t* a_idx, void* a_val, int64_t cap_a, int64_t* n_idx,
-                                  int64_t cap_n, cudaStream_t stream) {
-  if (!plan_ok(N, C, plan) || cap_a < 0 || cap_n < 0) return cudaErrorInvalidValue;
-  if (plan.segments > 1 && (a_base == nullptr || (band && n_base == nullptr))) return cudaErrorInvalidValue;
+                                  const int32_t* a_cnt, const int32_t* band_cnt, const int32_t* a_base,
+                                  const int32_t* band_base, int64_t* a_idx, void* a_val, int64_t cap_a,
+                                  int64_t* band_idx, int64_t cap_band, cudaStream_t stream) {
+  if (!plan_ok(N, C, plan) || cap_a < 0 || cap_band < 0) return cudaErrorInvalidValue;
+  if (plan.segments > 1 && (a_base == nullptr || (band && band_base == nullptr))) return cudaErrorInvalidValue;
   if (N == 0) return cudaSuccess;
   const unsigned int grid = warp_blocks(N * plan.segments);
   return with_type(t, [&](auto tag) -> cudaError_t {
@@ -313,12 +311,12 @@ cudaError_t jumprelu_select_write(DType t, const void* pre, const float* thresho
     T* v = static_cast<T*>(a_val);
     if (band)
       SAE_LAUNCH(grid, kThreads, 0, stream, select_write_kernel<T, true>)(
-          p, threshold, N, C, plan.segments, plan.seg_len, half_bandwidth, col_offset, a_cnt, n_cnt, a_base, n_base,
-          a_idx, v, cap_a, n_idx, cap_n);
+          p, threshold, N, C, plan.segments, plan.seg_len, half_bandwidth, col_offset, a_cnt, band_cnt, a_base,
+          band_base, a_idx, v, cap_a, band_idx, cap_band);
     else
       SAE_LAUNCH(grid, kThreads, 0, stream, select_write_kernel<T, false>)(
-          p, threshold, N, C, plan.segments, plan.seg_len, half_bandwidth, col_offset, a_cnt, n_cnt, a_base, n_base,
-          a_idx, v, cap_a, n_idx, cap_n);
+          p, threshold, N, C, plan.segments, plan.seg_len, half_bandwidth, col_offset, a_cnt, band_cnt, a_base,
+          band_base, a_idx, v, cap_a, band_idx, cap_band);
     return cudaGetLastError();
   });
 }

@@ -125,8 +125,8 @@ __global__ void sparse_decode_kernel(const int64_t* __restrict__ idx, const T* _
 // so every lane of a warp reaches the shuffles together.
 template <typename T, typename G, int VEC>
 __global__ void sparse_gather_dot_kernel(const G* __restrict__ grad, const int64_t* __restrict__ idx,
-                                         const int32_t* __restrict__ cnt, const T* __restrict__ W,
-                                         G* __restrict__ out, int64_t N, int64_t K, int64_t S, int64_t D) {
+                                         const int32_t* __restrict__ cnt, const T* __restrict__ W, G* __restrict__ out,
+                                         int64_t N, int64_t K, int64_t S, int64_t D) {
   const int64_t warps = blockDim.x / 32;
   const int lane = threadIdx.x & 31;
   for (int64_t slot = static_cast<int64_t>(blockIdx.x) * warps + threadIdx.x / 32; slot < N * K;
@@ -187,34 +187,11 @@ __global__ void sparse_scatter_rows_segmented_kernel(const int64_t* __restrict__
   }
 }
 
-// Fast, order-dependent: float atomics. Blocks loop over the slots past the grid
-// (grid.x = N * K would pass CUDA's 2^31 - 1 limit at 2^20 tokens x 2^11 slots).
-template <typename T, int VEC>
-__global__ void sparse_scatter_rows_atomic_kernel(const int64_t* __restrict__ idx, const int32_t* __restrict__ cnt,
-                                                  const T* __restrict__ coef, const T* __restrict__ grad,
-                                                  float* __restrict__ ws, int64_t N, int64_t K, int64_t S,
-                                                  int64_t D) {
-  for (int64_t slot = blockIdx.x; slot < N * K; slot += gridDim.x) {
-    const int64_t b = slot / K;
-    if (slot - b * K >= clamp_count(cnt[b], K)) continue;
-    const int64_t j = idx[slot];
-    if (!in_range(j, S)) continue;
-    const float c = to_f(coef[slot]);
-    float* dst = ws + j * D;
-    const T* g = grad + b * D;
-    for (int64_t d = (static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x) * VEC; d < D;
-         d += static_cast<int64_t>(gridDim.y) * blockDim.x * VEC) {
-      float x[VEC];
-      load_f<T, VEC>(g + d, x);
-#pragma unroll
-      for (int v = 0; v < VEC; ++v) atomicAdd(dst + d + v, c * x[v]);
-    }
-  }
-}
-
 // ---------------------------------------------------------------- dispatch
 template <typename T>
-constexpr int vec_of() { return 16 / static_cast<int>(sizeof(T)); }
+constexpr int vec_of() {
+  return 16 / static_cast<int>(sizeof(T));
+}
 
 inline bool aligned16(const void* p) { return p == nullptr || (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
@@ -251,9 +228,9 @@ __device__ __forceinline__ float adam_elem(const T* param, float* v, int64_t off
 // the param is rounded once). A row outside [0, n_rows) is skipped (the loop
 // condition is uniform over the block, so the barriers stay convergent).
 template <typename T>
-__global__ void adam_rows_kernel(T* param, float* v, const int64_t* last, const int64_t* rows, const T* grad,
-                                 int64_t n, int64_t n_rows, int64_t L, int64_t s_row, int64_t s_col, int64_t step,
-                                 float lr, float beta2, float omb2, float eps, float bc2_sqrt, bool renorm) {
+__global__ void adam_rows_kernel(T* param, float* v, const int64_t* last, const int64_t* rows, const T* grad, int64_t n,
+                                 int64_t n_rows, int64_t L, int64_t s_row, int64_t s_col, int64_t step, float lr,
+                                 float beta2, float omb2, float eps, float bc2_sqrt, bool renorm) {
   __shared__ float partial[kAdamThreads / 32];
   for (int64_t r = blockIdx.x; r < n; r += gridDim.x) {
     const int64_t j = rows ? rows[r] : r;
@@ -300,8 +277,8 @@ __global__ void adam_elems_kernel(T* param, float* v, const int64_t* last, const
     const int64_t j = rows ? rows[r] : r;
     if (!in_range(j, n_rows)) continue;
     const int64_t off = j * s_row + i * s_col;
-    param[off] = from_f<T>(adam_elem(param, v, off, to_f(grad[e]), row_decay(last, j, step, beta2), lr, beta2, omb2,
-                                     eps, bc2_sqrt));
+    param[off] = from_f<T>(
+        adam_elem(param, v, off, to_f(grad[e]), row_decay(last, j, step, beta2), lr, beta2, omb2, eps, bc2_sqrt));
   }
 }
 
@@ -384,42 +361,19 @@ cudaError_t sparse_scatter_rows_segmented(DType t, const int64_t* order, const i
     if (D % V == 0 && aligned16(grad) && aligned16(out)) {
       dim3 grid(grid_x(S), grid_cols(D, V));
       SAE_LAUNCH(grid, kThreads, 0, stream, sparse_scatter_rows_segmented_kernel<T, V>)(
-          order, start, static_cast<const T*>(coef), static_cast<const T*>(grad), static_cast<T*>(out), S, N * K, K,
-          D);
+          order, start, static_cast<const T*>(coef), static_cast<const T*>(grad), static_cast<T*>(out), S, N * K, K, D);
     } else {
       dim3 grid(grid_x(S), grid_cols(D, 1));
       SAE_LAUNCH(grid, kThreads, 0, stream, sparse_scatter_rows_segmented_kernel<T, 1>)(
-          order, start, static_cast<const T*>(coef), static_cast<const T*>(grad), static_cast<T*>(out), S, N * K, K,
-          D);
-    }
-    return cudaGetLastError();
-  });
-}
-
-cudaError_t sparse_scatter_rows_atomic(DType t, const int64_t* indices, const int32_t* counts, const void* coef,
-                                       const void* grad, float* workspace, int64_t N, int64_t K, int64_t S,
-                                       int64_t D, cudaStream_t stream) {
-  cudaError_t err = cudaMemsetAsync(workspace, 0, static_cast<size_t>(S) * static_cast<size_t>(D) * sizeof(float), stream);
-  if (err != cudaSuccess || N == 0 || K == 0 || D == 0) return err;
-  return with_type(t, [&](auto tag) -> cudaError_t {
-    using T = decltype(tag);
-    constexpr int V = vec_of<T>();
-    const bool vec = D % V == 0 && aligned16(grad);
-    dim3 grid(grid_x(N * K), vec ? grid_cols(D, V) : grid_cols(D, 1));
-    if (vec) {
-      SAE_LAUNCH(grid, kThreads, 0, stream, sparse_scatter_rows_atomic_kernel<T, V>)(
-          indices, counts, static_cast<const T*>(coef), static_cast<const T*>(grad), workspace, N, K, S, D);
-    } else {
-      SAE_LAUNCH(grid, kThreads, 0, stream, sparse_scatter_rows_atomic_kernel<T, 1>)(
-          indices, counts, static_cast<const T*>(coef), static_cast<const T*>(grad), workspace, N, K, S, D);
+          order, start, static_cast<const T*>(coef), static_cast<const T*>(grad), static_cast<T*>(out), S, N * K, K, D);
     }
     return cudaGetLastError();
   });
 }
 
 cudaError_t adam_b1zero_rows(DType t, void* param, float* v, int64_t* last, const int64_t* rows, const void* grad,
-                             int64_t n, int64_t n_rows, int64_t L, int64_t s_row, int64_t s_col, int64_t step,
-                             float lr, float beta2, float one_minus_beta2, float eps, float bc2_sqrt, bool renorm,
+                             int64_t n, int64_t n_rows, int64_t L, int64_t s_row, int64_t s_col, int64_t step, float lr,
+                             float beta2, float one_minus_beta2, float eps, float bc2_sqrt, bool renorm,
                              cudaStream_t stream) {
   if (n == 0 || L == 0) return cudaSuccess;
   cudaError_t err = with_type(t, [&](auto tag) -> cudaError_t {

@@ -1,6 +1,6 @@
 // CUDA launchers for sae_fast's sparse primitives. Device code only: no torch
 // headers, raw pointers, sizes and a cudaStream_t, so nvcc can compile-check
-// it on machines without a CUDA build of torch. csrc/sparse_ops_cuda.cu holds
+// it on machines without a CUDA build of torch. csrc/cuda/sparse_ops.cu holds
 // the checks and calls these.
 //
 // Layout (SparseActs): indices int64 [N, K], counts int32 [N]; slot k of row b
@@ -37,11 +37,6 @@ cudaError_t sparse_scatter_rows_segmented(DType t, const int64_t* order, const i
                                           const void* grad, void* out, int64_t S, int64_t N, int64_t K, int64_t D,
                                           cudaStream_t stream);
 
-// Fast, order-dependent: float atomics into workspace [S, D] float32 (zeroed here).
-cudaError_t sparse_scatter_rows_atomic(DType t, const int64_t* indices, const int32_t* counts, const void* coef,
-                                       const void* grad, float* workspace, int64_t N, int64_t K, int64_t S,
-                                       int64_t D, cudaStream_t stream);
-
 // Fused Adam(beta1 = 0) on the touched rows of a parameter (sae_fast.reference.adam_b1zero_rows_):
 // row j = rows[r] (or r when rows is null), element i at param[j * s_row + i * s_col] (same
 // offsets in v, float32); grad [n, L] in param's dtype t. Per row: v *= beta2^(step-1-last[j]),
@@ -50,8 +45,8 @@ cudaError_t sparse_scatter_rows_atomic(DType t, const int64_t* indices, const in
 // would race) and lie in [0, n_rows) (a row outside is skipped). one_minus_beta2 comes from the
 // host in double precision (1 - float(beta2) would be off by 1e-6 relative at beta2 = 0.99).
 cudaError_t adam_b1zero_rows(DType t, void* param, float* v, int64_t* last, const int64_t* rows, const void* grad,
-                             int64_t n, int64_t n_rows, int64_t L, int64_t s_row, int64_t s_col, int64_t step,
-                             float lr, float beta2, float one_minus_beta2, float eps, float bc2_sqrt, bool renorm,
+                             int64_t n, int64_t n_rows, int64_t L, int64_t s_row, int64_t s_col, int64_t step, float lr,
+                             float beta2, float one_minus_beta2, float eps, float bc2_sqrt, bool renorm,
                              cudaStream_t stream);
 
 }  // namespace sae_fast_kernels

@@ -27,7 +27,7 @@ RuntimeError with the same text.
 CPU tensors are checked at the call. On CUDA tensors a check needs a device->host
 read; where the kernel that follows masks its loads and stores (the Triton kernels;
 bad input then gives garbage output, never an out-of-bounds access), the check runs
-on the device without a synchronisation: one fused Triton kernel (triton_ops) finds
+on the device without a synchronisation: one fused Triton kernel (sae_fast.backends.triton) finds
 the first bad position (the rows check: a few torch ops and a sort), a 32-byte copy
 takes it to pinned host memory behind a CUDA event, and the error is raised at the
 next sae_fast op call after that event completed, or at sae_fast.check_pending()
@@ -54,21 +54,18 @@ import functools
 import operator
 import os
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+from .dtypes import FLOAT_DTYPES  # noqa: E402
 
 
 def check_float(name: str, t: torch.Tensor) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(
-            f"{name} must be a floating tensor of dtype float32, bfloat16 or float16, "
-            f"got {t.dtype}"
-        )
+        raise TypeError(f"{name} must be a floating tensor of dtype float32, bfloat16 or float16, got {t.dtype}")
 
 
 def check_shape(name: str, t: torch.Tensor, shape: tuple[int, ...]) -> None:
@@ -87,42 +84,32 @@ def check_input(x: torch.Tensor, d_in: int, weight_dtype: torch.dtype, *, name: 
     """x: [..., d_in] floating, same dtype as the SAE weights."""
     check_float(name, x)
     if x.dim() < 2:
-        raise ValueError(
-            f"{name} must have shape [..., d_in] with at least one leading (token) "
-            f"dimension, got a {x.dim()}-D tensor of shape {list(x.shape)}; "
-            f"use {name}.unsqueeze(0) for a single token"
-        )
+        raise ValueError(f"{name} must have shape [..., d_in] with at least one leading (token) "
+                         f"dimension, got a {x.dim()}-D tensor of shape {list(x.shape)}; "
+                         f"use {name}.unsqueeze(0) for a single token")
     if x.shape[-1] != d_in:
-        raise ValueError(
-            f"{name} must have last dimension d_in={d_in}, got shape {list(x.shape)}"
-        )
+        raise ValueError(f"{name} must have last dimension d_in={d_in}, got shape {list(x.shape)}")
     if x.dtype != weight_dtype:
-        raise TypeError(
-            f"{name} has dtype {x.dtype} but the SAE weights are {weight_dtype}; "
-            f"cast the input with {name}.to({weight_dtype}) (mixing dtypes is not "
-            f"done implicitly)"
-        )
+        raise TypeError(f"{name} has dtype {x.dtype} but the SAE weights are {weight_dtype}; "
+                        f"cast the input with {name}.to({weight_dtype}) (mixing dtypes is not "
+                        f"done implicitly)")
 
 
-def check_encoder_params(
-    W_enc: torch.Tensor,
-    b_enc: torch.Tensor,
-    threshold: torch.Tensor,
-    b_dec: torch.Tensor | None = None,
-) -> tuple[int, int]:
+def check_encoder_params(W_enc: torch.Tensor, b_enc: torch.Tensor, threshold: torch.Tensor,
+                         b_dec: torch.Tensor | None = None) -> tuple[int, int]:
     check_float("W_enc", W_enc)
     if W_enc.dim() != 2:
         raise ValueError(f"W_enc must have shape [d_in, d_sae], got {list(W_enc.shape)}")
     d_in, d_sae = W_enc.shape
     check_float("b_enc", b_enc)
-    check_shape("b_enc", b_enc, (d_sae,))
+    check_shape("b_enc", b_enc, (d_sae, ))
     check_float("threshold", threshold)
-    check_shape("threshold", threshold, (d_sae,))
+    check_shape("threshold", threshold, (d_sae, ))
     if b_enc.dtype != W_enc.dtype:
         raise TypeError(f"b_enc must have the dtype of W_enc ({W_enc.dtype}), got {b_enc.dtype}")
     if b_dec is not None:
         check_float("b_dec", b_dec)
-        check_shape("b_dec", b_dec, (d_in,))
+        check_shape("b_dec", b_dec, (d_in, ))
         if b_dec.dtype != W_enc.dtype:
             raise TypeError(f"b_dec must have the dtype of W_enc ({W_enc.dtype}), got {b_dec.dtype}")
     check_same_device(W_enc=W_enc, b_enc=b_enc, threshold=threshold, b_dec=b_dec)
@@ -136,7 +123,7 @@ def check_decoder_params(W_dec: torch.Tensor, b_dec: torch.Tensor | None) -> tup
     d_sae, d_in = W_dec.shape
     if b_dec is not None:
         check_float("b_dec", b_dec)
-        check_shape("b_dec", b_dec, (d_in,))
+        check_shape("b_dec", b_dec, (d_in, ))
         if b_dec.dtype != W_dec.dtype:
             raise TypeError(f"b_dec must have the dtype of W_dec ({W_dec.dtype}), got {b_dec.dtype}")
         check_same_device(W_dec=W_dec, b_dec=b_dec)
@@ -158,11 +145,9 @@ class OutOfRangeError(IndexError, ValueError):
 
 ENV_UNCHECKED = "SAE_FAST_UNCHECKED"
 
-_DEFERRED_NOTE = (
-    " [reported after that call returned: checks of CUDA tensors run on the device and raise at the next "
-    "sae_fast op call or at sae_fast.check_pending(); that call's result is meaningless, but its kernel "
-    "masks every access, so no memory outside its tensors was touched]"
-)
+_DEFERRED_NOTE = (" [reported after that call returned: checks of CUDA tensors run on the device and raise at the next "
+                  "sae_fast op call or at sae_fast.check_pending(); that call's result is meaningless, but its kernel "
+                  "masks every access, so no memory outside its tensors was touched]")
 
 
 def checks_disabled() -> bool:
@@ -196,6 +181,7 @@ _defer_cpu: str | None = None
 
 
 class _BusyEvent:
+
     def __init__(self):
         self.done = False
 
@@ -230,7 +216,7 @@ def _raise_first(done: list[_Pending]) -> None:
     if errors:
         exc = errors[0]
         if len(errors) > 1:
-            exc.args = (f"{exc.args[0]} (and {len(errors) - 1} more failed deferred check(s))",)
+            exc.args = (f"{exc.args[0]} (and {len(errors) - 1} more failed deferred check(s))", )
         raise exc
 
 
@@ -309,7 +295,7 @@ def _immediate(t: torch.Tensor, defer: bool) -> bool:
 # (~8 ms), as every parallel op of the decode can; it is load, not the check's work.
 # Printed by:  python tests/test_memory_safety.py --cost   (OMP_NUM_THREADS=1 for the second)
 # On a GPU (triton backend, CUDA tensors; reasoned, not measured: no GPU was lent) the
-# check never synchronises. Its kernel (triton_ops._first_bad_slot_kernel) reads counts
+# check never synchronises. Its kernel (triton_kernels._first_bad_slot_kernel) reads counts
 # (N*4 B) and the indices of valid slots only (<= N*K*8 B = 2 MB here), against the
 # decode's N*K*(8+2) B of slots plus N*K*d_in*2 B of gathered bf16 rows: 136 MB at d_in
 # 256 (check <= 1.5% of the bytes), 1.2 GB at d_in 2304 (<= 0.2%). Its fixed cost is 3
@@ -317,8 +303,8 @@ def _immediate(t: torch.Tensor, defer: bool) -> bool:
 # of GPU time): noticeable next to a ~50 us decode at d_in 256 (up to ~10%), ~1% at d_in
 # 2304. The C++ cuda backend's check (csrc/checks.h) does sync once per call.
 @torch.compiler.disable  # data-dependent: runs eagerly under torch.compile
-def check_sparse_ranges(op: str, indices: torch.Tensor, counts: torch.Tensor, d_sae: int, *,
-                        defer: bool = False, locate: Callable | None = None) -> None:
+def check_sparse_ranges(op: str, indices: torch.Tensor, counts: torch.Tensor, d_sae: int, *, defer: bool = False,
+                        locate: Callable | None = None) -> None:
     """counts[b] in [0, capacity] and every index on a valid slot (k < counts[b]) in [0, d_sae).
 
     Raises OutOfRangeError naming the first offending slot, e.g.
@@ -326,7 +312,7 @@ def check_sparse_ranges(op: str, indices: torch.Tensor, counts: torch.Tensor, d_
     kernel that follows masks its loads, so bad input cannot reach memory): on CUDA
     tensors the verdict is computed on the device and raised later (see module doc).
     locate: what computes the verdict where it is deferred (the Triton ops pass one
-    fused kernel, triton_ops._locate_sparse); default _locate_sparse (torch ops)."""
+    fused kernel, triton_kernels.locate_sparse); default _locate_sparse (torch ops)."""
     poll_pending()
     if checks_disabled():
         return
@@ -417,10 +403,8 @@ def _rows_report(op, n, n_rows, hint, summary, deferred):
     if p < n and p < q:  # the first offending position (csrc/checks.h reports the same one)
         return OutOfRangeError(f"{op}: rows[{p}]={pval} outside [0, n_rows={n_rows}){note}")
     if q < n:
-        return ValueError(
-            f"{op}: rows[{q}]={qval} repeats rows[{a}]; rows must be unique (two updates of one row "
-            f"would race on a GPU: merge their gradients first){note}"
-        )
+        return ValueError(f"{op}: rows[{q}]={qval} repeats rows[{a}]; rows must be unique (two updates of one row "
+                          f"would race on a GPU: merge their gradients first){note}")
     return None
 
 
@@ -434,8 +418,7 @@ def check_capacity(capacity) -> int | None:
         cap = operator.index(capacity)
     except TypeError:
         raise TypeError(
-            f"capacity must be a non-negative int or None, got {type(capacity).__name__} {capacity!r}"
-        ) from None
+            f"capacity must be a non-negative int or None, got {type(capacity).__name__} {capacity!r}") from None
     if cap < 0:
         raise ValueError(f"capacity must be a non-negative int or None, got {cap}")
     return cap
@@ -469,7 +452,7 @@ def check_sparse_layout(op, indices, counts, ref, ref_name):
         raise TypeError(f"{op}: indices must be int64, got {indices.dtype}")
     if counts.dtype != torch.int32:
         raise TypeError(f"{op}: counts must be int32, got {counts.dtype}")
-    if tuple(counts.shape) != (indices.shape[0],):
+    if tuple(counts.shape) != (indices.shape[0], ):
         raise ValueError(f"{op}: counts must be [n_tokens]=[{indices.shape[0]}], got {list(counts.shape)}")
     _need_device(op, ref_name, ref, indices=indices, counts=counts)
 
@@ -488,7 +471,7 @@ def check_decode_args(op, indices, values, counts, W, bias, out_dtype) -> None:
         _need_float(op, "bias", bias)
         if bias.dtype != W.dtype:
             raise TypeError(f"{op}: bias ({bias.dtype}) and W ({W.dtype}) must have the same dtype")
-        if tuple(bias.shape) != (W.shape[1],):
+        if tuple(bias.shape) != (W.shape[1], ):
             raise ValueError(f"{op}: bias must be [d_in]=[{W.shape[1]}], got {list(bias.shape)}")
     _need_device(op, "W", W, values=values, bias=bias)
     if out_dtype is not None and out_dtype not in (W.dtype, torch.float32):
@@ -555,7 +538,7 @@ def check_adam_rows_args(op, param, v, last, rows, grad, sparse_dim) -> tuple[in
     if sparse_dim is None and rows is not None:
         raise ValueError(f"{op}: rows must be None without a sparse_dim (the whole tensor is one row)")
     n_rows, length = row_geometry(op, param, sparse_dim)
-    if last.dtype != torch.int64 or tuple(last.shape) != (n_rows,) or not last.is_contiguous():
+    if last.dtype != torch.int64 or tuple(last.shape) != (n_rows, ) or not last.is_contiguous():
         raise ValueError(f"{op}: last must be a contiguous int64 [{n_rows}], got {last.dtype} {list(last.shape)}")
     n = 1
     if rows is not None:
@@ -565,6 +548,6 @@ def check_adam_rows_args(op, param, v, last, rows, grad, sparse_dim) -> tuple[in
         _need_device(op, "param", param, rows=rows)
         n = rows.numel()
     if grad.numel() != n * length:
-        raise ValueError(f"{op}: grad must hold [n_rows touched={n}, row length={length}] elements, "
-                         f"got {list(grad.shape)}")
+        raise ValueError(
+            f"{op}: grad must hold [n_rows touched={n}, row length={length}] elements, got {list(grad.shape)}")
     return n_rows, length

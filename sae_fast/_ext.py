@@ -33,18 +33,20 @@ def load_extension():
         backends.mark_unregistered("cpu", _state["error"])
         backends.mark_unregistered("cuda", _state["error"])
         return None
-    from . import cpp_ops  # registers the cpu/cuda backends
+    from .backends import cpp
 
-    cpp_ops.register_backends(_state["module"])
+    cpp.register_backends(_state["module"])
     return _state["module"]
 
 
 def load_triton() -> None:
     """Register the triton backend when Triton imports (it needs no compiled extension)."""
-    try:
-        from . import triton_ops  # noqa: F401
-    except ImportError as e:
-        backends.mark_unregistered("triton", f"triton is not installed ({e}); pip install triton")
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        backends.mark_unregistered("triton", "triton is not installed; pip install triton")
+        return
+    from .backends import triton  # noqa: F401  (registers the triton backend)
 
 
 def extension_error() -> str | None:

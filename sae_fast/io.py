@@ -13,11 +13,11 @@ from pathlib import Path
 import torch
 
 from . import __version__
+from .dtypes import DTYPES as _DTYPES
 
 PARAM_NAMES = ("W_enc", "b_enc", "threshold", "W_dec", "b_dec")
 SAELENS_CFG = "cfg.json"
 SAELENS_WEIGHTS = "sae_weights.safetensors"
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class SAELoadError(ValueError):
@@ -45,13 +45,14 @@ def _validate_params(params: dict[str, torch.Tensor], where: str) -> dict[str, t
     if W_enc.dim() != 2:
         raise SAELoadError(f"{where}: key 'W_enc' must be 2-D [d_in, d_sae], got shape {list(W_enc.shape)}")
     d_in, d_sae = W_enc.shape
-    expected = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "threshold": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
+    expected = {
+        "W_enc": (d_in, d_sae), "b_enc": (d_sae, ), "threshold": (d_sae, ), "W_dec": (d_sae, d_in), "b_dec": (d_in, )
+    }
     for key, shape in expected.items():
         if tuple(params[key].shape) != shape:
             raise SAELoadError(
                 f"{where}: key {key!r} must have shape {list(shape)} (from W_enc [d_in={d_in}, d_sae={d_sae}]), "
-                f"got {list(params[key].shape)}"
-            )
+                f"got {list(params[key].shape)}")
     return {k: params[k] for k in PARAM_NAMES}
 
 
@@ -90,15 +91,11 @@ def load_saelens_dir(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
     where = str(cfg_path)
     arch = cfg.get("architecture")
     if arch != "jumprelu":
-        raise SAELoadError(
-            f"{where}: key 'architecture' is {arch!r}; sae_fast supports only 'jumprelu' SAEs"
-        )
+        raise SAELoadError(f"{where}: key 'architecture' is {arch!r}; sae_fast supports only 'jumprelu' SAEs")
     norm = cfg.get("normalize_activations", "none")
     if norm not in (None, "none"):
-        raise SAELoadError(
-            f"{where}: key 'normalize_activations' is {norm!r}; only 'none' is supported "
-            f"(fold the scaling into the weights first)"
-        )
+        raise SAELoadError(f"{where}: key 'normalize_activations' is {norm!r}; only 'none' is supported "
+                           f"(fold the scaling into the weights first)")
     reshape = cfg.get("reshape_activations", "none")
     if reshape not in (None, "none"):
         raise SAELoadError(f"{where}: key 'reshape_activations' is {reshape!r}; only 'none' is supported")
@@ -171,7 +168,7 @@ def save_saelens(sae, path: str | os.PathLike) -> None:
         "activation_fn_str": "relu",
         "activation_fn_kwargs": {},
         "finetuning_scaling_factor": False,
-        "sae_fast_version": __version__,
+        "sae_fast_version": __version__
     }
     # Write to temporaries then rename, so a crash never leaves a half-written SAE.
     tmp_w, tmp_c = path / (SAELENS_WEIGHTS + ".tmp"), path / (SAELENS_CFG + ".tmp")

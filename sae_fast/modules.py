@@ -26,7 +26,7 @@ class JumpReLUSAE(nn.Module):
     `threshold` is kept in float32 whatever `dtype` the weights have (bf16
     rounds small threshold updates away); `.to(dtype)` leaves it float32.
 
-    Math (DESIGN.md):
+    Math (docs/DESIGN.md, "The math"):
         pre  = (x - b_dec * apply_b_dec_to_input) @ W_enc + b_enc
         acts = relu(pre) * (pre > threshold)
         x̂    = acts @ W_dec + b_dec
@@ -35,16 +35,8 @@ class JumpReLUSAE(nn.Module):
     Inputs are [..., d_in] in the SAE's dtype.
     """
 
-    def __init__(
-        self,
-        d_in: int,
-        d_sae: int,
-        *,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-        backend: str = "auto",
-        apply_b_dec_to_input: bool = False,
-    ):
+    def __init__(self, d_in: int, d_sae: int, *, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None, backend: str = "auto", apply_b_dec_to_input: bool = False):
         super().__init__()
         for name, v in (("d_in", d_in), ("d_sae", d_sae)):
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
@@ -104,10 +96,8 @@ class JumpReLUSAE(nn.Module):
         return backends.resolve(self.backend, self.device)
 
     def extra_repr(self) -> str:
-        return (
-            f"d_in={self.d_in}, d_sae={self.d_sae}, dtype={self.dtype}, backend={self.backend!r}, "
-            f"apply_b_dec_to_input={self.apply_b_dec_to_input}"
-        )
+        return (f"d_in={self.d_in}, d_sae={self.d_sae}, dtype={self.dtype}, backend={self.backend!r}, "
+                f"apply_b_dec_to_input={self.apply_b_dec_to_input}")
 
     # ---------------------------------------------------------------- compute
     def _enc_args(self):
@@ -151,50 +141,46 @@ class JumpReLUSAE(nn.Module):
     def training_forward(self, x: torch.Tensor, *, l0_coefficient: float, bandwidth: float = 0.001) -> TrainingOutput:
         """Loss and metrics for one training batch; loss.backward() fills every
         parameter's gradient, threshold by the straight-through rules."""
-        return ops.jumprelu_sae_loss(
-            x, self.W_enc, self.b_enc, self.threshold, self.W_dec, self.b_dec,
-            l0_coefficient=l0_coefficient, bandwidth=bandwidth,
-            apply_b_dec_to_input=self.apply_b_dec_to_input, backend=self.backend,
-        )
+        return ops.jumprelu_sae_loss(x, self.W_enc, self.b_enc, self.threshold, self.W_dec, self.b_dec,
+                                     l0_coefficient=l0_coefficient, bandwidth=bandwidth,
+                                     apply_b_dec_to_input=self.apply_b_dec_to_input, backend=self.backend)
 
     def training_row_grads(self, x: torch.Tensor, *, l0_coefficient: float, bandwidth: float = 0.001,
                            dense: bool | None = None):
-        """The lean training step: (TrainingOutput, RowGrads), the same loss as
+        """The row-grads training step: (TrainingOutput, RowGrads), the same loss as
         training_forward without an autograd graph, and the gradients of the features
-        the batch touched only (sae_fast.sparse_train.RowGrads); .grad is left alone.
+        the batch touched only (sae_fast.step.RowGrads); .grad is left alone.
         Feed them to sae_fast.optim.SparseAdamB1Zero.step_rows. In dense phases (a fresh
         init: about half the features active) it computes with chunked dense GEMMs
         instead (`dense`, see ops.jumprelu_sae_row_grads)."""
-        return ops.jumprelu_sae_row_grads(
-            x, self.W_enc, self.b_enc, self.threshold, self.W_dec, self.b_dec,
-            l0_coefficient=l0_coefficient, bandwidth=bandwidth,
-            apply_b_dec_to_input=self.apply_b_dec_to_input, backend=self.backend, dense=dense,
-        )
+        return ops.jumprelu_sae_row_grads(x, self.W_enc, self.b_enc, self.threshold, self.W_dec, self.b_dec,
+                                          l0_coefficient=l0_coefficient, bandwidth=bandwidth,
+                                          apply_b_dec_to_input=self.apply_b_dec_to_input, backend=self.backend,
+                                          dense=dense)
 
     # ----------------------------------------------------------------- saving
     @classmethod
-    def from_pretrained(
-        cls,
-        path: str | os.PathLike,
-        *,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-        backend: str = "auto",
-    ) -> "JumpReLUSAE":
+    def from_pretrained(cls, path: str | os.PathLike, *, dtype: torch.dtype | None = None,
+                        device: torch.device | str | None = None, backend: str = "auto") -> JumpReLUSAE:
         """Load a Gemma Scope params.npz, a SAELens directory (cfg.json +
         sae_weights.safetensors, JumpReLU), or a directory saved by save_pretrained."""
         from .io import load_pretrained
 
         params, cfg = load_pretrained(path)
+        return cls.from_params(params, dtype=dtype or cfg.get("dtype"), device=device, backend=backend,
+                               apply_b_dec_to_input=cfg.get("apply_b_dec_to_input", False))
+
+    @classmethod
+    def from_params(cls, params: dict, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+                    backend: str = "auto", apply_b_dec_to_input: bool = False) -> JumpReLUSAE:
+        """An SAE holding copies of params {"W_enc", "b_enc", "threshold", "W_dec", "b_dec"}
+        (cast to dtype, default W_enc's; threshold stays float32), without a random init."""
         W_enc = params["W_enc"]
-        dtype = dtype or cfg.get("dtype") or W_enc.dtype
         global _skip_init
         _skip_init = True
         try:
-            sae = cls(
-                int(W_enc.shape[0]), int(W_enc.shape[1]), dtype=dtype, device=device,
-                backend=backend, apply_b_dec_to_input=cfg.get("apply_b_dec_to_input", False),
-            )
+            sae = cls(int(W_enc.shape[0]), int(W_enc.shape[1]), dtype=dtype or W_enc.dtype, device=device,
+                      backend=backend, apply_b_dec_to_input=apply_b_dec_to_input)
         finally:
             _skip_init = False
         with torch.no_grad():

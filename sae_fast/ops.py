@@ -1,7 +1,9 @@
 """Public functional ops: validate once, flatten tokens, dispatch to a backend.
 
-Same names as DESIGN.md's naming ladder: jumprelu_encode, jumprelu_encode_sparse,
-sparse_decode, jumprelu_sae_loss, jumprelu_sae_row_grads. Each takes backend="auto" (see backends.py).
+The names of docs/DESIGN.md, "Ops": jumprelu_encode, jumprelu_encode_sparse, sparse_decode,
+jumprelu_sae_loss, jumprelu_sae_row_grads. Each takes backend="auto" and runs what the
+registry (sae_fast.backends) gives for it: Backend.encode, .encode_sparse, .decode, and
+the training step of sae_fast.step over its encoder and primitives.
 
 sparse_decode checks the indices and counts of its SparseActs on every backend (see
 sae_fast._checks: immediate on CPU tensors, deferred to the next op call or to
@@ -12,20 +14,14 @@ from __future__ import annotations
 
 import torch
 
-from . import backends
+from . import backends, reference, step
 from ._checks import (  # noqa: F401  (check_pending: sae_fast.check_pending)
-    check_bandwidth,
-    check_capacity,
-    check_decoder_params,
-    check_encoder_params,
-    check_input,
-    check_pending,
-    check_same_device,
-    check_sparse_ranges,
+    check_bandwidth, check_capacity, check_decoder_params, check_encoder_params, check_input, check_pending,
+    check_same_device, check_sparse_ranges,
 )
 from .outputs import TrainingOutput
 from .sparse import SparseActs
-from .sparse_train import RowGrads
+from .step import RowGrads, SAEParams
 
 
 def _check_encode_args(x, W_enc, b_enc, threshold, b_dec, apply_b_dec_to_input):
@@ -37,53 +33,32 @@ def _check_encode_args(x, W_enc, b_enc, threshold, b_dec, apply_b_dec_to_input):
     return d_in, d_sae
 
 
-def jumprelu_encode(
-    x: torch.Tensor,
-    W_enc: torch.Tensor,
-    b_enc: torch.Tensor,
-    threshold: torch.Tensor,
-    b_dec: torch.Tensor | None = None,
-    apply_b_dec_to_input: bool = False,
-    *,
-    backend: str = "auto",
-) -> torch.Tensor:
+def jumprelu_encode(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, threshold: torch.Tensor,
+                    b_dec: torch.Tensor | None = None, apply_b_dec_to_input: bool = False, *,
+                    backend: str = "auto") -> torch.Tensor:
     """Dense JumpReLU activations relu(pre) * (pre > threshold), shape [..., d_sae]."""
     d_in, d_sae = _check_encode_args(x, W_enc, b_enc, threshold, b_dec, apply_b_dec_to_input)
-    impl = backends.get(backends.resolve(backend, x.device))
-    out = impl.encode(x.reshape(-1, d_in), W_enc, b_enc, threshold, b_dec, apply_b_dec_to_input)
+    xin = reference.encoder_input(x.reshape(-1, d_in), b_dec, apply_b_dec_to_input)
+    out = backends.select(backend, x.device).encode(xin, W_enc, b_enc, threshold)
     return out.reshape(*x.shape[:-1], d_sae)
 
 
-def jumprelu_encode_sparse(
-    x: torch.Tensor,
-    W_enc: torch.Tensor,
-    b_enc: torch.Tensor,
-    threshold: torch.Tensor,
-    b_dec: torch.Tensor | None = None,
-    apply_b_dec_to_input: bool = False,
-    *,
-    capacity: int | None = None,
-    backend: str = "auto",
-) -> SparseActs:
+def jumprelu_encode_sparse(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, threshold: torch.Tensor,
+                           b_dec: torch.Tensor | None = None, apply_b_dec_to_input: bool = False, *,
+                           capacity: int | None = None, backend: str = "auto") -> SparseActs:
     """Sparse JumpReLU activations (SparseActs); never truncates.
 
     capacity: pad each row to at least this many slots (it grows if a row has more).
     """
     d_in, _ = _check_encode_args(x, W_enc, b_enc, threshold, b_dec, apply_b_dec_to_input)
     capacity = check_capacity(capacity)
-    impl = backends.get(backends.resolve(backend, x.device))
-    sp = impl.encode_sparse(x.reshape(-1, d_in), W_enc, b_enc, threshold, b_dec, apply_b_dec_to_input, None)
-    sp = SparseActs(sp.indices, sp.values, sp.counts, sp.d_sae, x.shape[:-1])
+    xin = reference.encoder_input(x.reshape(-1, d_in), b_dec, apply_b_dec_to_input)
+    indices, values, counts = backends.select(backend, x.device).encode_sparse(xin, W_enc, b_enc, threshold)
+    sp = SparseActs(indices, values, counts, W_enc.shape[1], x.shape[:-1])
     return sp.with_capacity(capacity) if capacity is not None else sp
 
 
-def sparse_decode(
-    acts: SparseActs,
-    W_dec: torch.Tensor,
-    b_dec: torch.Tensor,
-    *,
-    backend: str = "auto",
-) -> torch.Tensor:
+def sparse_decode(acts: SparseActs, W_dec: torch.Tensor, b_dec: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """x_hat = sum of values * W_dec[indices] + b_dec, float32 accumulation, [*batch_shape, d_in]."""
     if not isinstance(acts, SparseActs):
         raise TypeError(f"acts must be a SparseActs, got {type(acts).__name__}")
@@ -91,17 +66,15 @@ def sparse_decode(
     if acts.d_sae != d_sae:
         raise ValueError(f"acts.d_sae={acts.d_sae} does not match W_dec's d_sae={d_sae}")
     if acts.dtype != W_dec.dtype:
-        raise TypeError(
-            f"acts.values has dtype {acts.dtype} but W_dec is {W_dec.dtype}; cast with acts.to(dtype=...)"
-        )
+        raise TypeError(f"acts.values has dtype {acts.dtype} but W_dec is {W_dec.dtype}; cast with acts.to(dtype=...)")
     check_same_device(acts=acts.values, W_dec=W_dec)
     acts._check_layout()  # its tensors may have been replaced since it was built
-    name = backends.resolve(backend, W_dec.device)
-    if name not in ("triton", "cuda"):
+    impl = backends.select(backend, W_dec.device)
+    if not impl.checks_indices:
         # torch: nothing else checks; cpu: its C++ check would too, but as RuntimeError.
         # The triton op runs this same check inside; the cuda op checks in C++.
         check_sparse_ranges("sparse_decode", acts.indices, acts.counts, d_sae)
-    return backends.get(name).decode(acts, W_dec, b_dec).reshape(*acts.batch_shape, d_in)
+    return impl.decode(acts, W_dec, b_dec).reshape(*acts.batch_shape, d_in)
 
 
 def _check_loss_args(x, W_enc, b_enc, threshold, W_dec, b_dec, l0_coefficient, bandwidth, apply_b_dec_to_input):
@@ -117,53 +90,33 @@ def _check_loss_args(x, W_enc, b_enc, threshold, W_dec, b_dec, l0_coefficient, b
     return d_in, l0c, bw
 
 
-def jumprelu_sae_loss(
-    x: torch.Tensor,
-    W_enc: torch.Tensor,
-    b_enc: torch.Tensor,
-    threshold: torch.Tensor,
-    W_dec: torch.Tensor,
-    b_dec: torch.Tensor,
-    *,
-    l0_coefficient: float,
-    bandwidth: float,
-    apply_b_dec_to_input: bool = False,
-    backend: str = "auto",
-) -> TrainingOutput:
+def jumprelu_sae_loss(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, threshold: torch.Tensor,
+                      W_dec: torch.Tensor, b_dec: torch.Tensor, *, l0_coefficient: float, bandwidth: float,
+                      apply_b_dec_to_input: bool = False, backend: str = "auto") -> TrainingOutput:
     """JumpReLU training loss with straight-through gradients (see reference.jumprelu_sae_loss)."""
     d_in, l0c, bw = _check_loss_args(x, W_enc, b_enc, threshold, W_dec, b_dec, l0_coefficient, bandwidth,
                                      apply_b_dec_to_input)
-    impl = backends.get(backends.resolve(backend, x.device))
-    out = impl.loss(x.reshape(-1, d_in), W_enc, b_enc, threshold, W_dec, b_dec, l0c, bw, apply_b_dec_to_input)
+    p = SAEParams(W_enc, b_enc, threshold, W_dec, b_dec, apply_b_dec_to_input)
+    out = step.loss(backends.select(backend, x.device), x.reshape(-1, d_in), p, l0_coefficient=l0c, bandwidth=bw)
     out.reconstruction = out.reconstruction.reshape(x.shape)
     return out
 
 
-def jumprelu_sae_row_grads(
-    x: torch.Tensor,
-    W_enc: torch.Tensor,
-    b_enc: torch.Tensor,
-    threshold: torch.Tensor,
-    W_dec: torch.Tensor,
-    b_dec: torch.Tensor,
-    *,
-    l0_coefficient: float,
-    bandwidth: float,
-    apply_b_dec_to_input: bool = False,
-    backend: str = "auto",
-    dense: bool | None = None,
-) -> tuple[TrainingOutput, RowGrads]:
-    """The lean training step: jumprelu_sae_loss's outputs (no autograd graph) and its
-    gradients on the touched features only (sparse_train.RowGrads).
+def jumprelu_sae_row_grads(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, threshold: torch.Tensor,
+                           W_dec: torch.Tensor, b_dec: torch.Tensor, *, l0_coefficient: float, bandwidth: float,
+                           apply_b_dec_to_input: bool = False, backend: str = "auto",
+                           dense: bool | None = None) -> tuple[TrainingOutput, RowGrads]:
+    """The row-grads training step: jumprelu_sae_loss's outputs (no autograd graph) and its
+    gradients on the touched features only (sae_fast.step.RowGrads).
 
     dense: None (default) runs the sparse kernels unless more than
-    sparse_train.DENSE_FALLBACK_DENSITY of the (token, feature) pairs are active (a
+    sae_fast.step.DENSE_FALLBACK_DENSITY of the (token, feature) pairs are active (a
     fresh init), where it computes with dense GEMMs a chunk of features at a time;
     True/False force one path. Both give the same gradients to rounding."""
     d_in, l0c, bw = _check_loss_args(x, W_enc, b_enc, threshold, W_dec, b_dec, l0_coefficient, bandwidth,
                                      apply_b_dec_to_input)
-    impl = backends.get(backends.resolve(backend, x.device))
-    out, grads = impl.row_grads(x.reshape(-1, d_in), W_enc, b_enc, threshold, W_dec, b_dec, l0c, bw,
-                                apply_b_dec_to_input, dense=dense)
+    p = SAEParams(W_enc, b_enc, threshold, W_dec, b_dec, apply_b_dec_to_input)
+    out, grads = step.row_grads(backends.select(backend, x.device), x.reshape(-1, d_in), p, l0_coefficient=l0c,
+                                bandwidth=bw, dense=dense)
     out.reconstruction = out.reconstruction.reshape(x.shape)
     return out, grads

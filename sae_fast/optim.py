@@ -15,12 +15,12 @@ ordinary `.grad` tensors (`step()`: a slice is touched when any entry is
 nonzero) or compact, for the touched rows only (`step_rows()`, fed by
 JumpReLUSAE.training_row_grads: no full-size gradient ever exists).
 
-Every update runs through one op, adam_b1zero_rows_, chosen like every sae_fast
-op (`backend`, default "auto": triton, then cuda on CUDA tensors; cpu on CPU
-tensors; torch where nothing compiled is available): the fused Triton kernel
-sae_fast_triton::adam_b1zero_rows_, the C++/CUDA sae_fast::adam_b1zero_rows_
-(kernels/sparse_ops.cu, csrc/sparse_ops.cpp), or the pure-PyTorch reference
-sae_fast.reference.adam_b1zero_rows_. Each makes one pass over each touched row:
+Every update runs through one op, adam_b1zero_rows_: the `optimizer` of the backend
+the registry gives for `backend` (sae_fast.backends; default "auto": triton, then
+cuda on CUDA tensors; cpu on CPU tensors; torch where nothing compiled is available):
+the fused Triton kernel sae_fast_triton::adam_b1zero_rows_, the C++/CUDA
+sae_fast::adam_b1zero_rows_ (csrc/cpu, kernels/sparse_ops.cu), or the pure-PyTorch
+reference sae_fast.reference.adam_b1zero_rows_. Each makes one pass over each touched row:
 lazy decay, moment, update, and the unit-norm renormalisation of param groups
 with `renorm_rows=True`.
 State: v (float32, the parameter's shape) and last (int64 per row: the step v
@@ -40,44 +40,23 @@ from __future__ import annotations
 
 import torch
 
-from . import _checks, reference
-from .sparse_train import RowGrads
+from . import _checks, backends, reference
+from .step import RowGrads
 
 _SAE_NAMES = ("W_enc", "b_enc", "threshold", "W_dec", "b_dec")
-
-
-def _impl(backend: str, device: torch.device):
-    """(backend name, adam_b1zero_rows_ implementation) for `backend` on `device`
-    (backends.resolve rules); the implementation is None for torch (the reference)."""
-    from . import backends
-
-    name = backends.resolve(backend, device)
-    if name == "triton":
-        from . import triton_ops
-
-        # unchecked entry: step_rows has checked the rows already, step() made them itself
-        return name, triton_ops.UNCHECKED.adam_b1zero_rows_
-    if name in ("cpu", "cuda"):
-        from . import cpp_ops
-
-        cpp_ops._register_ops()
-        return name, torch.ops.sae_fast.adam_b1zero_rows_
-    return name, None  # torch: the reference
 
 
 class SparseAdamB1Zero(torch.optim.Optimizer):
     """backend: which adam_b1zero_rows_ runs ("auto", "torch", "triton", "cuda", "cpu")."""
 
-    def __init__(self, params, lr: float = 7e-5, beta2: float = 0.999, eps: float = 1e-8,
-                 sparse_dim: int | None = 0, renorm_rows: bool = False, backend: str = "auto"):
+    def __init__(self, params, lr: float = 7e-5, beta2: float = 0.999, eps: float = 1e-8, sparse_dim: int | None = 0,
+                 renorm_rows: bool = False, backend: str = "auto"):
         if not lr > 0:
             raise ValueError(f"lr must be positive, got {lr!r}")
         if not 0 <= beta2 < 1:
             raise ValueError(f"beta2 must be in [0, 1), got {beta2!r}")
         if not eps >= 0:
             raise ValueError(f"eps must be non-negative, got {eps!r}")
-        from . import backends
-
         backends.check_backend_name(backend)
         super().__init__(params, dict(lr=lr, beta2=beta2, eps=eps, sparse_dim=sparse_dim, renorm_rows=renorm_rows))
         for g in self.param_groups:
@@ -89,18 +68,16 @@ class SparseAdamB1Zero(torch.optim.Optimizer):
         self.sae_params: dict[str, torch.nn.Parameter] = {}
 
     @classmethod
-    def for_sae(cls, sae, *, decoder_unit_norm: bool = False, **kw) -> "SparseAdamB1Zero":
+    def for_sae(cls, sae, *, decoder_unit_norm: bool = False, **kw) -> SparseAdamB1Zero:
         """Param groups of a JumpReLUSAE with the right sparse dimension for each parameter
         (and the SAE's backend unless `backend` is given).
         decoder_unit_norm: renormalise the W_dec rows a step changes to unit norm, inside
         the optimizer step (the parallel-gradient removal stays with the caller, before
         any clipping: see remove_parallel_component)."""
-        opt = cls([
-            {"params": [sae.W_dec], "sparse_dim": 0, "renorm_rows": bool(decoder_unit_norm)},
-            {"params": [sae.b_enc, sae.threshold], "sparse_dim": 0},
-            {"params": [sae.W_enc], "sparse_dim": 1},
-            {"params": [sae.b_dec], "sparse_dim": None},
-        ], **{"backend": sae.backend, **kw})
+        opt = cls([{"params": [sae.W_dec], "sparse_dim": 0, "renorm_rows": bool(decoder_unit_norm)}, {
+            "params": [sae.b_enc, sae.threshold], "sparse_dim": 0
+        }, {"params": [sae.W_enc], "sparse_dim": 1}, {"params": [sae.b_dec], "sparse_dim": None}],
+                  **{"backend": sae.backend, **kw})
         opt.sae_params = {n: getattr(sae, n) for n in _SAE_NAMES}
         return opt
 
@@ -116,7 +93,8 @@ class SparseAdamB1Zero(torch.optim.Optimizer):
         """(backend name, implementation or None) that updates p: the reference runs where
         the fused ops can't (no compiled op, or a non-contiguous parameter)."""
         if p.device not in self._impls:
-            self._impls[p.device] = _impl(self.backend, p.device)
+            impl = backends.select(self.backend, p.device)
+            self._impls[p.device] = (impl.name, impl.optimizer)
         name, impl = self._impls[p.device]
         return (name, impl) if impl is not None and p.is_contiguous() else ("torch", None)
 
@@ -168,8 +146,8 @@ class SparseAdamB1Zero(torch.optim.Optimizer):
                 raise ValueError("step_rows(RowGrads) needs an optimizer made by SparseAdamB1Zero.for_sae(sae)")
             grads = {self.sae_params[n]: (None if n == "b_dec" else grads.rows, getattr(grads, n)) for n in _SAE_NAMES}
         elif not isinstance(grads, dict):
-            raise TypeError(f"step_rows: grads must be a RowGrads or a dict {{param: (rows, grad)}}, "
-                            f"got {type(grads).__name__}")
+            raise TypeError(
+                f"step_rows: grads must be a RowGrads or a dict {{param: (rows, grad)}}, got {type(grads).__name__}")
         # Everything is checked before any parameter moves (a bad entry leaves the optimizer as it was).
         todo, checked = [], set()
         for p, (rows, g) in grads.items():
@@ -198,8 +176,8 @@ class SparseAdamB1Zero(torch.optim.Optimizer):
             raise ValueError(f"{op}: the gradient of {what} is on {g.device}, the parameter on {p.device}")
         if rows is None:
             if tuple(g.shape) not in (tuple(p.shape), (1, p.numel())):
-                raise ValueError(f"{op}: the gradient of {what} must have its shape {list(p.shape)}, "
-                                 f"got {list(g.shape)}")
+                raise ValueError(
+                    f"{op}: the gradient of {what} must have its shape {list(p.shape)}, got {list(g.shape)}")
             return
         if not isinstance(rows, torch.Tensor) or rows.dtype != torch.int64 or rows.dim() != 1:
             desc = f"{rows.dtype} {list(rows.shape)}" if isinstance(rows, torch.Tensor) else type(rows).__name__
@@ -208,9 +186,9 @@ class SparseAdamB1Zero(torch.optim.Optimizer):
             raise ValueError(f"{op}: rows of {what} are on {rows.device}, the parameter on {p.device}")
         n_rows, length = _checks.row_geometry(op, p, sd)
         n = rows.numel()
-        if tuple(g.shape) != (n, length) and not (p.dim() == 1 and tuple(g.shape) == (n,)):
-            raise ValueError(f"{op}: the gradient of {what} must be [n rows={n}, row length={length}], "
-                             f"got {list(g.shape)}")
+        if tuple(g.shape) != (n, length) and not (p.dim() == 1 and tuple(g.shape) == (n, )):
+            raise ValueError(
+                f"{op}: the gradient of {what} must be [n rows={n}, row length={length}], got {list(g.shape)}")
         name, _ = self._runner(p)
         key = (id(rows), n_rows)
         if key in checked or (name == "cuda" and rows.is_cuda):
@@ -251,27 +229,3 @@ class SparseAdamB1Zero(torch.optim.Optimizer):
         for st in self.state.values():
             st["v"] = st["v"].float().clone()
             st["last"] = st["last"].round().to(torch.int64)
-
-    def torch_adam_state(self, p) -> dict:
-        """The state torch.optim.Adam(betas=(0, beta2)) would hold for p (call flush() first)."""
-        st = self.state[p]
-        return {"step": torch.tensor(float(self.t)), "exp_avg": p.grad.detach().clone() if p.grad is not None
-                else torch.zeros_like(p), "exp_avg_sq": st["v"].to(p.dtype).clone()}
-
-
-# Rows per block of remove_parallel_component: its float32 temporaries stay at
-# 3 x 16384 x d_in x 4 B (0.45 GB at d_in 2304) however many rows a step touched.
-PROJECTION_BLOCK_ROWS = 16384
-
-
-@torch.no_grad()
-def remove_parallel_component(W_dec: torch.Tensor, rows: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
-    """G <- G - (G·w) w, in place, for each touched (unit-norm) decoder row w = W_dec[rows]:
-    the part of the gradient that would change the row's norm is removed. G is the
-    compact [n, d_in] gradient of those rows (float32 arithmetic, one rounding). Returns G."""
-    for r0 in range(0, rows.numel(), PROJECTION_BLOCK_ROWS):
-        r1 = min(rows.numel(), r0 + PROJECTION_BLOCK_ROWS)
-        W = W_dec[rows[r0:r1]].float()
-        G32 = G[r0:r1].float()
-        G[r0:r1] = G32 - (G32 * W).sum(-1, keepdim=True) * W
-    return G

@@ -1,4 +1,4 @@
-"""Result types returned by the training forward of every backend."""
+"""TrainingOutput: what the training forward of every backend returns, assembled in one place."""
 
 from __future__ import annotations
 
@@ -25,3 +25,13 @@ class TrainingOutput:
     l0: torch.Tensor
     reconstruction: torch.Tensor
     fired: torch.Tensor | None = None
+
+    @classmethod
+    def assemble(cls, *, mse_loss, step_sum, l0_coefficient: float, active, n: int, reconstruction,
+                 fired=None) -> TrainingOutput:
+        """The one assembly every path uses: loss = mse_loss + l0_coefficient * step_sum / n,
+        l0 = active / n (n: tokens, at least 1; step_sum = sum of H(pre - threshold),
+        active = number of (token, feature) pairs in the active set)."""
+        l0_loss = float(l0_coefficient) * step_sum / n
+        return cls(loss=mse_loss + l0_loss, mse_loss=mse_loss, l0_loss=l0_loss, l0=active / n,
+                   reconstruction=reconstruction, fired=fired)

@@ -1,12 +1,12 @@
-"""The pure-PyTorch definition of every sae_fast op (DESIGN.md, "The math").
+"""The pure-PyTorch definition of every sae_fast op (docs/DESIGN.md, "The math").
 
 This module is the semantics: every kernel is tested against it, and it is the
 dense baseline the benchmarks beat. It runs anywhere PyTorch runs.
 
 Conventions shared by every backend:
 - x is [..., d_in]; ops flatten the leading dims to tokens and restore them.
-- `threshold` may be float32 while the weights are bf16/fp16 (DESIGN.md keeps
-  it fp32); comparisons against it happen in float32, which is exact because
+- `threshold` may be float32 while the weights are bf16/fp16 (docs/DESIGN.md,
+  "The math", keeps it fp32); comparisons against it happen in float32, which is exact because
   bf16/fp16 -> fp32 is exact.
 - The band of the straight-through estimator is
   |float32(pre) - threshold| < float32(bandwidth / 2), the rectangle kernel
@@ -26,18 +26,17 @@ from .sparse import SparseActs, valid_slots
 
 
 # ---------------------------------------------------------------- forward ops
-def jumprelu_pre(
-    x: torch.Tensor,
-    W_enc: torch.Tensor,
-    b_enc: torch.Tensor,
-    b_dec: torch.Tensor | None = None,
-    apply_b_dec_to_input: bool = False,
-) -> torch.Tensor:
-    """pre = (x - b_dec * apply_b_dec_to_input) @ W_enc + b_enc."""
-    if apply_b_dec_to_input:
-        if b_dec is None:
-            raise ValueError("b_dec is required when apply_b_dec_to_input=True")
-        x = x - b_dec
+def encoder_input(x: torch.Tensor, b_dec: torch.Tensor | None, apply_b_dec_to_input: bool) -> torch.Tensor:
+    """x', what W_enc multiplies: x - b_dec where the SAE applies b_dec to its input, else x."""
+    if not apply_b_dec_to_input:
+        return x
+    if b_dec is None:
+        raise ValueError("b_dec is required when apply_b_dec_to_input=True")
+    return x - b_dec
+
+
+def jumprelu_pre(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor) -> torch.Tensor:
+    """pre = x' @ W_enc + b_enc (x' = encoder_input(x, ...))."""
     return x @ W_enc + b_enc
 
 
@@ -59,31 +58,17 @@ def band_mask(pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> t
     return (pre.to(acc) - threshold.to(acc)).abs() < half.to(pre.device)
 
 
-def jumprelu_encode(
-    x: torch.Tensor,
-    W_enc: torch.Tensor,
-    b_enc: torch.Tensor,
-    threshold: torch.Tensor,
-    b_dec: torch.Tensor | None = None,
-    apply_b_dec_to_input: bool = False,
-) -> torch.Tensor:
+def jumprelu_encode(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, threshold: torch.Tensor,
+                    b_dec: torch.Tensor | None = None, apply_b_dec_to_input: bool = False) -> torch.Tensor:
     """Dense JumpReLU activations [..., d_sae]."""
-    return jumprelu(jumprelu_pre(x, W_enc, b_enc, b_dec, apply_b_dec_to_input), threshold)
+    return jumprelu(jumprelu_pre(encoder_input(x, b_dec, apply_b_dec_to_input), W_enc, b_enc), threshold)
 
 
-def jumprelu_encode_sparse(
-    x: torch.Tensor,
-    W_enc: torch.Tensor,
-    b_enc: torch.Tensor,
-    threshold: torch.Tensor,
-    b_dec: torch.Tensor | None = None,
-    apply_b_dec_to_input: bool = False,
-    capacity: int | None = None,
-) -> SparseActs:
+def jumprelu_encode_sparse(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, threshold: torch.Tensor,
+                           b_dec: torch.Tensor | None = None, apply_b_dec_to_input: bool = False,
+                           capacity: int | None = None) -> SparseActs:
     """Sparse JumpReLU activations: the nonzeros (and NaNs) of jumprelu_encode."""
-    return SparseActs.from_dense(
-        jumprelu_encode(x, W_enc, b_enc, threshold, b_dec, apply_b_dec_to_input), capacity
-    )
+    return SparseActs.from_dense(jumprelu_encode(x, W_enc, b_enc, threshold, b_dec, apply_b_dec_to_input), capacity)
 
 
 def dense_decode(acts: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor) -> torch.Tensor:
@@ -105,12 +90,27 @@ def sparse_decode(acts: SparseActs, W_dec: torch.Tensor, b_dec: torch.Tensor) ->
 
 
 # ------------------------------------------------- straight-through estimators
-def rectangle(u: torch.Tensor) -> torch.Tensor:
-    """K(u) = 1 if -1/2 < u < 1/2 else 0."""
-    return ((u > -0.5) & (u < 0.5)).float()
+class _StraightThrough(torch.autograd.Function):
+    """A function of (pre, threshold) whose threshold gradient comes from the band
+    |pre - threshold| < eps/2 (the rectangle kernel K((pre - threshold) / eps))."""
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+        pre, threshold, bandwidth = inputs
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+
+    @staticmethod
+    def band_sum(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.dtype]:
+        """(pre, threshold, sum over tokens of grad on the band, the sum's dtype): float32
+        sums, float64 for a float64 truth (never round the truth to float32)."""
+        pre, threshold = ctx.saved_tensors
+        acc = torch.promote_types(grad.dtype, torch.float32)
+        band = band_mask(pre, threshold, ctx.bandwidth).to(acc)
+        return pre, threshold, (grad.to(acc) * band).reshape(-1, pre.shape[-1]).sum(0), acc
 
 
-class JumpReLUFunction(torch.autograd.Function):
+class JumpReLUFunction(_StraightThrough):
     """acts = relu(pre) * (pre > threshold) with the JumpReLU paper's pseudo-derivatives:
 
     d acts / d pre       = 1 on the active set A, else 0
@@ -122,59 +122,30 @@ class JumpReLUFunction(torch.autograd.Function):
         return jumprelu(pre, threshold)
 
     @staticmethod
-    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
-        pre, threshold, bandwidth = inputs
-        ctx.save_for_backward(pre, threshold)
-        ctx.bandwidth = bandwidth
-
-    @staticmethod
     def backward(ctx: Any, grad_acts: torch.Tensor):
-        pre, threshold = ctx.saved_tensors
-        eps = ctx.bandwidth
+        pre, threshold, g, acc = _StraightThrough.band_sum(ctx, grad_acts)
         d_pre = grad_acts * active_mask(pre, threshold).to(grad_acts.dtype)
-        # float32 sums (float64 for a float64 truth: never round the truth to float32)
-        acc = torch.promote_types(grad_acts.dtype, torch.float32)
-        band = band_mask(pre, threshold, eps).to(acc)
-        g = (grad_acts.to(acc) * band).reshape(-1, pre.shape[-1]).sum(0)
-        d_thr = -(threshold.to(acc) / eps) * g
+        d_thr = -(threshold.to(acc) / ctx.bandwidth) * g
         return d_pre, d_thr.to(threshold.dtype), None
 
 
-class StepFunction(torch.autograd.Function):
-    """H(pre - threshold) as float32 (float64 for float64 pre), with d/d threshold = -(1/eps) K((pre - threshold)/eps), d/d pre = 0."""
+class StepFunction(_StraightThrough):
+    """H(pre - threshold) as float32 (float64 for float64 pre), with
+    d/d threshold = -(1/eps) K((pre - threshold)/eps), d/d pre = 0."""
 
     @staticmethod
     def forward(pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
         return (pre > threshold).to(torch.promote_types(pre.dtype, torch.float32))  # float64 for a float64 truth
 
     @staticmethod
-    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
-        pre, threshold, bandwidth = inputs
-        ctx.save_for_backward(pre, threshold)
-        ctx.bandwidth = bandwidth
-
-    @staticmethod
     def backward(ctx: Any, grad_step: torch.Tensor):
-        pre, threshold = ctx.saved_tensors
-        eps = ctx.bandwidth
-        acc = torch.promote_types(grad_step.dtype, torch.float32)
-        band = band_mask(pre, threshold, eps).to(acc)
-        g = (grad_step.to(acc) * band).reshape(-1, pre.shape[-1]).sum(0)
-        return None, (-(1.0 / eps) * g).to(threshold.dtype), None
+        _, threshold, g, _ = _StraightThrough.band_sum(ctx, grad_step)
+        return None, (-(1.0 / ctx.bandwidth) * g).to(threshold.dtype), None
 
 
-def jumprelu_sae_loss(
-    x: torch.Tensor,
-    W_enc: torch.Tensor,
-    b_enc: torch.Tensor,
-    threshold: torch.Tensor,
-    W_dec: torch.Tensor,
-    b_dec: torch.Tensor,
-    *,
-    l0_coefficient: float,
-    bandwidth: float,
-    apply_b_dec_to_input: bool = False,
-) -> TrainingOutput:
+def jumprelu_sae_loss(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, threshold: torch.Tensor,
+                      W_dec: torch.Tensor, b_dec: torch.Tensor, *, l0_coefficient: float, bandwidth: float,
+                      apply_b_dec_to_input: bool = False) -> TrainingOutput:
     """The JumpReLU training loss, dense, with autograd through the STE functions.
 
     loss     = mse_loss + l0_loss
@@ -185,31 +156,24 @@ def jumprelu_sae_loss(
     bw = check_bandwidth(bandwidth)
     d_in = x.shape[-1]
     xf = x.reshape(-1, d_in)
-    pre = jumprelu_pre(xf, W_enc, b_enc, b_dec, apply_b_dec_to_input)
+    pre = jumprelu_pre(encoder_input(xf, b_dec, apply_b_dec_to_input), W_enc, b_enc)
     acts = JumpReLUFunction.apply(pre, threshold, bw)
     recon = acts @ W_dec + b_dec
     n = max(xf.shape[0], 1)
     acc = torch.promote_types(x.dtype, torch.float32)  # float32, or float64 for float64 checks
     mse_loss = (recon.to(acc) - xf.to(acc)).pow(2).sum() / n
     step = StepFunction.apply(pre, threshold, bw)
-    l0_loss = float(l0_coefficient) * step.sum() / n
     with torch.no_grad():
         active = active_mask(pre, threshold)
-        l0 = active.sum(dtype=torch.float32) / n
         fired = active.any(0)
-    return TrainingOutput(
-        loss=mse_loss + l0_loss,
-        mse_loss=mse_loss,
-        l0_loss=l0_loss,
-        l0=l0,
-        reconstruction=recon.reshape(x.shape),
-        fired=fired,
-    )
+    return TrainingOutput.assemble(mse_loss=mse_loss, step_sum=step.sum(), l0_coefficient=l0_coefficient,
+                                   active=active.sum(dtype=torch.float32), n=n, reconstruction=recon.reshape(x.shape),
+                                   fired=fired)
 
 
 # ---------------------------------------------------------- sparse primitives
 # The three primitives every compiled backend implements (csrc/, kernels/,
-# sae_fast/triton_kernels.py). Padding slots (k >= counts[b]) contribute nothing.
+# sae_fast/backends/triton_kernels.py). Padding slots (k >= counts[b]) contribute nothing.
 def sparse_gather_dot(grad: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor, W: torch.Tensor,
                       acc: torch.dtype | None = None) -> torch.Tensor:
     """r[b, k] = <grad[b], W[indices[b, k]]> on valid slots, 0 on padding; float32 accumulation
@@ -224,10 +188,8 @@ def sparse_gather_dot(grad: torch.Tensor, indices: torch.Tensor, counts: torch.T
     return (r * valid_slots(indices, counts)).to(grad.dtype)
 
 
-def sparse_scatter_rows(
-    coef: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor, grad: torch.Tensor, d_sae: int,
-    acc: torch.dtype | None = None,
-) -> torch.Tensor:
+def sparse_scatter_rows(coef: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor, grad: torch.Tensor, d_sae: int,
+                        acc: torch.dtype | None = None) -> torch.Tensor:
     """G[j] = sum over (b, k) with indices[b, k] == j of coef[b, k] * grad[b]; float32 accumulation (or `acc`)."""
     acc = acc or torch.promote_types(grad.dtype, torch.float32)
     if d_sae == 0:  # a compact step that touched no feature (padding slots name index 0)
@@ -239,15 +201,9 @@ def sparse_scatter_rows(
     return out.to(grad.dtype)
 
 
-def sparse_decode_raw(
-    indices: torch.Tensor,
-    values: torch.Tensor,
-    counts: torch.Tensor,
-    W: torch.Tensor,
-    bias: torch.Tensor | None,
-    out_dtype: torch.dtype | None = None,
-    acc: torch.dtype | None = None,
-) -> torch.Tensor:
+def sparse_decode_raw(indices: torch.Tensor, values: torch.Tensor, counts: torch.Tensor, W: torch.Tensor,
+                      bias: torch.Tensor | None, out_dtype: torch.dtype | None = None,
+                      acc: torch.dtype | None = None) -> torch.Tensor:
     """out[b] = sum_k values[b, k] * W[indices[b, k]] (+ bias) over valid slots; float32 accumulation
     (or `acc`). Returned in W's dtype, or unrounded with out_dtype=torch.float32.
     """
@@ -270,24 +226,14 @@ def row_view(t: torch.Tensor, sparse_dim: int | None) -> torch.Tensor:
     if t.dim() == 1:
         return t.view(-1, 1)
     if t.dim() != 2 or sparse_dim not in (0, 1):
-        raise ValueError(f"sparse_dim must be None, or 0/1 of a 1-D or 2-D tensor; got {sparse_dim} for shape {list(t.shape)}")
+        raise ValueError(
+            f"sparse_dim must be None, or 0/1 of a 1-D or 2-D tensor; got {sparse_dim} for shape {list(t.shape)}")
     return t if sparse_dim == 0 else t.t()
 
 
-def adam_b1zero_rows_(
-    param: torch.Tensor,
-    v: torch.Tensor,
-    last: torch.Tensor,
-    rows: torch.Tensor | None,
-    grad: torch.Tensor,
-    *,
-    step: int,
-    lr: float,
-    beta2: float,
-    eps: float,
-    sparse_dim: int | None,
-    renorm: bool = False,
-) -> None:
+def adam_b1zero_rows_(param: torch.Tensor, v: torch.Tensor, last: torch.Tensor, rows: torch.Tensor | None,
+                      grad: torch.Tensor, *, step: int, lr: float, beta2: float, eps: float, sparse_dim: int | None,
+                      renorm: bool = False) -> None:
     """Adam with beta1 = 0 on the rows `rows` of param (slices along sparse_dim), in place.
 
     grad [n, row length] holds those rows' gradients (float32 or param's dtype);
@@ -310,7 +256,7 @@ def adam_b1zero_rows_(
     vr = V[idx].to(acc) * decay[:, None]
     vr = vr * beta2 + (1 - beta2) * G * G
     V[idx] = vr.to(V.dtype)
-    bc2_sqrt = (1 - beta2**step) ** 0.5
+    bc2_sqrt = (1 - beta2**step)**0.5
     pr = P[idx].to(acc) - lr * (G / (vr.sqrt() / bc2_sqrt + eps))
     if renorm:
         pr = pr / pr.norm(dim=1, keepdim=True).clamp_min(1e-12)

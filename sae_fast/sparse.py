@@ -24,7 +24,7 @@ propagate it exactly as the dense one does.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -62,7 +62,7 @@ def segment_by_feature(indices: torch.Tensor, counts: torch.Tensor, d_sae: int):
     """(order, start): the valid flat slots b*K+k grouped by feature, stable in (b, k),
     and each feature's first position in `order` (int64 [d_sae + 1]). Padding slots, and
     indices outside [0, d_sae), are keyed d_sae and sort past every group. The layout
-    the deterministic segmented scatter kernels read (Triton; csrc/sparse_ops_cuda.cu
+    the deterministic segmented scatter kernels read (Triton; csrc/cuda/sparse_ops.cu
     forms the same with ATen ops)."""
     ok = valid_slots(indices, counts) & (indices >= 0) & (indices < d_sae)
     key = torch.where(ok, indices, d_sae).reshape(-1)
@@ -75,19 +75,13 @@ def segment_by_feature(indices: torch.Tensor, counts: torch.Tensor, d_sae: int):
 class SparseActs:
     __slots__ = ("indices", "values", "counts", "d_sae", "batch_shape")
 
-    def __init__(
-        self,
-        indices: torch.Tensor,
-        values: torch.Tensor,
-        counts: torch.Tensor,
-        d_sae: int,
-        batch_shape: Sequence[int] | None = None,
-    ):
+    def __init__(self, indices: torch.Tensor, values: torch.Tensor, counts: torch.Tensor, d_sae: int,
+                 batch_shape: Sequence[int] | None = None):
         self.indices = indices
         self.values = values
         self.counts = counts
         self.d_sae = int(d_sae)
-        self.batch_shape = tuple(int(s) for s in batch_shape) if batch_shape is not None else (int(indices.shape[0]),)
+        self.batch_shape = tuple(int(s) for s in batch_shape) if batch_shape is not None else (int(indices.shape[0]), )
         self._check_layout()
 
     # ------------------------------------------------------------------ layout
@@ -104,26 +98,20 @@ class SparseActs:
         if v.dtype not in FLOAT_DTYPES:
             raise TypeError(f"SparseActs.values must be float32, bfloat16 or float16, got {v.dtype}")
         if i.dim() != 2 or v.shape != i.shape:
-            raise ValueError(
-                f"SparseActs.indices and .values must both be [n_tokens, capacity], "
-                f"got {list(i.shape)} and {list(v.shape)}"
-            )
-        if c.shape != (i.shape[0],):
+            raise ValueError(f"SparseActs.indices and .values must both be [n_tokens, capacity], "
+                             f"got {list(i.shape)} and {list(v.shape)}")
+        if c.shape != (i.shape[0], ):
             raise ValueError(f"SparseActs.counts must be [n_tokens]=[{i.shape[0]}], got {list(c.shape)}")
         if not (i.device == v.device == c.device):
-            raise ValueError(
-                f"SparseActs tensors must share a device, got indices on {i.device}, "
-                f"values on {v.device}, counts on {c.device}"
-            )
+            raise ValueError(f"SparseActs tensors must share a device, got indices on {i.device}, "
+                             f"values on {v.device}, counts on {c.device}")
         if self.d_sae <= 0:
             raise ValueError(f"SparseActs.d_sae must be positive, got {self.d_sae}")
         if math.prod(self.batch_shape) != i.shape[0]:
             raise ValueError(
-                f"SparseActs.batch_shape {list(self.batch_shape)} does not hold "
-                f"n_tokens={i.shape[0]} tokens"
-            )
+                f"SparseActs.batch_shape {list(self.batch_shape)} does not hold n_tokens={i.shape[0]} tokens")
 
-    def validate(self) -> "SparseActs":
+    def validate(self) -> SparseActs:
         """Full content check (syncs with the device). Returns self.
 
         Counts and indices raise sae_fast._checks.OutOfRangeError (a ValueError) naming the
@@ -160,23 +148,22 @@ class SparseActs:
         return (*self.batch_shape, self.d_sae)
 
     @property
-    def device(self) -> torch.device:
-        return self.values.device
-
-    @property
     def dtype(self) -> torch.dtype:
+        """The values' dtype: the SAE dtype of the encoder that made them."""
         return self.values.dtype
 
     def l0(self) -> torch.Tensor:
         """Number of active features per token, shaped like batch_shape (float32)."""
         return self.counts.float().reshape(self.batch_shape)
 
-    def nnz(self) -> int:
-        return int(self.counts.sum())
+    @property
+    def device(self) -> torch.device:
+        """Where indices, values and counts live (one device for the three)."""
+        return self.values.device
 
     # ------------------------------------------------------------- conversion
     @classmethod
-    def from_dense(cls, dense: torch.Tensor, capacity: int | None = None) -> "SparseActs":
+    def from_dense(cls, dense: torch.Tensor, capacity: int | None = None) -> SparseActs:
         """Every nonzero (NaN included) of dense [..., d_sae] becomes an entry.
 
         capacity: pad every row to this many slots; it must be at least the
@@ -193,24 +180,17 @@ class SparseActs:
         if capacity is None:
             capacity = max_count
         elif capacity < max_count:
-            raise ValueError(
-                f"capacity={capacity} is smaller than the largest row count {max_count}: "
-                f"truncation would drop active features"
-            )
+            raise ValueError(f"capacity={capacity} is smaller than the largest row count {max_count}: "
+                             f"truncation would drop active features")
         return cls(indices, values, counts, d_sae, batch_shape).with_capacity(capacity)
 
-    def with_capacity(self, capacity: int) -> "SparseActs":
+    def with_capacity(self, capacity: int) -> SparseActs:
         """The same entries padded to `capacity` slots per row (never fewer than now)."""
         pad = capacity - self.capacity
         if pad <= 0:
             return self
-        return SparseActs(
-            torch.nn.functional.pad(self.indices, (0, pad)),
-            torch.nn.functional.pad(self.values, (0, pad)),
-            self.counts,
-            self.d_sae,
-            self.batch_shape,
-        )
+        return SparseActs(torch.nn.functional.pad(self.indices, (0, pad)),
+                          torch.nn.functional.pad(self.values, (0, pad)), self.counts, self.d_sae, self.batch_shape)
 
     def to_dense(self) -> torch.Tensor:
         """Dense [*batch_shape, d_sae] tensor. Padding adds exact zeros."""
@@ -218,35 +198,27 @@ class SparseActs:
         out.scatter_add_(1, self.indices, self.values)
         return out.reshape(self.shape)
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "SparseActs":
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> SparseActs:
         """Move to a device and/or cast values (indices stay int64, counts int32)."""
         if dtype is not None and dtype not in FLOAT_DTYPES:
             raise TypeError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
-        return SparseActs(
-            self.indices.to(device=device),
-            self.values.to(device=device, dtype=dtype),
-            self.counts.to(device=device),
-            self.d_sae,
-            self.batch_shape,
-        )
+        return SparseActs(self.indices.to(device=device), self.values.to(device=device, dtype=dtype),
+                          self.counts.to(device=device), self.d_sae, self.batch_shape)
 
-    def cpu(self) -> "SparseActs":
+    def cpu(self) -> SparseActs:
         return self.to("cpu")
 
-    def cuda(self, device: int | None = None) -> "SparseActs":
+    def cuda(self, device: int | None = None) -> SparseActs:
         return self.to(torch.device("cuda", device) if device is not None else "cuda")
 
-    def sorted(self) -> "SparseActs":
+    def sorted(self) -> SparseActs:
         """Same entries with each row's valid slots in increasing feature order."""
         valid = valid_slots(self.indices, self.counts)
         key = torch.where(valid, self.indices, torch.full_like(self.indices, self.d_sae))
         order = key.argsort(dim=1, stable=True)
-        return SparseActs(
-            self.indices.gather(1, order), self.values.gather(1, order), self.counts, self.d_sae, self.batch_shape
-        )
+        return SparseActs(self.indices.gather(1, order), self.values.gather(1, order), self.counts, self.d_sae,
+                          self.batch_shape)
 
     def __repr__(self) -> str:
         return (
-            f"SparseActs(shape={list(self.shape)}, capacity={self.capacity}, "
-            f"dtype={self.dtype}, device={self.device})"
-        )
+            f"SparseActs(shape={list(self.shape)}, capacity={self.capacity}, dtype={self.dtype}, device={self.device})")

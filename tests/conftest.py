@@ -10,6 +10,13 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# The CUDA kernels run by the CPU emulator are one more implementation of every op: a
+# test-only backend the tests get from backends.implementations() where g++ is present.
+from cuda_emu import torch_impl  # noqa: E402
+from sae_fast import backends  # noqa: E402
+
+backends.register("cuda-emu", torch_impl.backend, selectable=False)
+
 # Fresh random inputs on every run, reproducible on demand: the run's base seed
 # is printed in the header; SAE_FAST_TEST_SEED=<seed> replays it.
 BASE_SEED = int(os.environ.get("SAE_FAST_TEST_SEED") or random.SystemRandom().randrange(2**31))

@@ -8,8 +8,10 @@ from benchmarks.common import RESULTS
 
 
 def test_bench_sparse_decode_small():
-    rows = bench_sparse_decode.main(["--device", "cpu", "--d-in", "48", "--d-sae", "300", "--tokens", "17",
-                                     "--l0", "5", "--reps", "2", "--out", "_pytest_sparse_decode"])
+    rows = bench_sparse_decode.main([
+        "--device", "cpu", "--d-in", "48", "--d-sae", "300", "--tokens", "17", "--l0", "5", "--reps", "2", "--out",
+        "_pytest_sparse_decode"
+    ])
     try:
         names = [r["contender"] for r in rows]
         assert names[0] == "dense acts @ W_dec" and "sae_fast cpu" in names

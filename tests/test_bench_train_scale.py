@@ -10,18 +10,19 @@ from benchmarks.common import RESULTS
 
 
 def test_bench_train_scale_small():
-    rec = bench_train_scale.main(["--device", "cpu", "--d-in", "32", "--d-sae", "1024", "--batch", "128", "--l0",
-                                  "8", "--steps", "3", "--warmup", "1", "--dtype", "float32", "--out",
-                                  "_pytest_train_scale"])
+    rec = bench_train_scale.main([
+        "--device", "cpu", "--d-in", "32", "--d-sae", "1024", "--batch", "128", "--l0", "8", "--steps", "3", "--warmup",
+        "1", "--dtype", "float32", "--out", "_pytest_train_scale"
+    ])
     try:
-        ours, dense = rec["results"]["sae_fast lean step"], rec["results"]["dense PyTorch step"]
+        ours, dense = rec["results"]["sae_fast row-grads step"], rec["results"]["dense PyTorch step"]
         for r in (ours, dense):
             assert r["tokens_per_s"] > 0 and r["median_step_s"] > 0
             assert 4 < r["mean_l0"] < 16  # the analytic thresholds give about the asked L0
         assert ours["backend"] == "cpu" or ours["backend"] == "torch"
         saved = json.load(open(os.path.join(RESULTS, "_pytest_train_scale.json")))
         assert saved["environment"]["commit"] and saved["config"]["d_sae"] == 1024
-        assert "| sae_fast lean step |" in open(os.path.join(RESULTS, "_pytest_train_scale.md")).read()
+        assert "| sae_fast row-grads step |" in open(os.path.join(RESULTS, "_pytest_train_scale.md")).read()
     finally:
         for ext in ("json", "md"):
             p = os.path.join(RESULTS, f"_pytest_train_scale.{ext}")

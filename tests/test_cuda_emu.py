@@ -3,9 +3,9 @@ tests/cuda_emu (g++, ASan + UBSan), against the reference on fresh random cases,
 with threads and blocks run in forward and in reversed order.
 
 A sanitizer report, an emulator abort (divergent barrier, bad shuffle mask,
-deadlock) or a launch error fails the test. Deterministic kernels must give the
-same bits in both orders. The planted kernels show the emulator catches what it
-claims to. Run them all with `pytest -m cuda_emu`.
+deadlock) or a launch error fails the test. Every kernel is deterministic: it must
+give the same bits in both orders. The planted kernels show the emulator catches
+what it claims to. Run them all with `pytest -m cuda_emu`.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from sae_fast import reference
+from sae_fast.sparse import segment_by_feature
 
 from cuda_emu import harness
 from cuda_emu import ops as emu
@@ -30,7 +31,7 @@ MODES = ["random", "all_active", "none_active", "padded"]
 
 
 def _case(n, s, d, dtype, mode):
-    empty = range(n) if mode == "none_active" else (0,) if n > 1 else ()
+    empty = range(n) if mode == "none_active" else (0, ) if n > 1 else ()
     idx, val, cnt = random_sparse_case(n, s, cap_extra=3 if mode in ("padded", "none_active") else 0, dtype=dtype,
                                        all_active=mode == "all_active", empty_rows=empty)
     return idx, val, cnt, torch.randn(s, d).to(dtype), torch.randn(d).to(dtype), torch.randn(n, d).to(dtype)
@@ -43,10 +44,9 @@ def sparse_cases(test):
     return test
 
 
-def _both_orders(fn, deterministic=True):
+def _both_orders(fn):
     a, b = (fn(order=o) for o in ORDERS)
-    if deterministic:
-        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), "result depends on thread/block order"
+    assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), "result depends on thread/block order"
     return a, b
 
 
@@ -89,11 +89,9 @@ def test_sparse_gather_dot(dtype, n, s, d, mode, g32):
 
 # ------------------------------------------------------------ scatter-rows
 @sparse_cases
-@pytest.mark.parametrize("deterministic", [True, False], ids=["segmented", "atomic"])
-def test_sparse_scatter_rows(dtype, n, s, d, mode, deterministic):
+def test_sparse_scatter_rows(dtype, n, s, d, mode):
     idx, val, cnt, _, _, g = _case(n, s, d, dtype, mode)
-    outs = _both_orders(lambda order: emu.sparse_scatter_rows(val, idx, cnt, g, s, deterministic, order=order),
-                        deterministic)
+    outs = _both_orders(lambda order: emu.sparse_scatter_rows(val, idx, cnt, g, s, order=order))
     truth = reference.sparse_scatter_rows(val.double(), idx, cnt, g.double(), s)
     dense = reference.sparse_scatter_rows(val, idx, cnt, g, s)
     for out in outs:  # float32 accumulation over a feature's entries, at most one per token
@@ -103,27 +101,31 @@ def test_sparse_scatter_rows(dtype, n, s, d, mode, deterministic):
 def test_scatter_rows_with_no_entries_writes_zeros():
     idx = torch.zeros(4, 0, dtype=torch.int64)
     cnt = torch.zeros(4, dtype=torch.int32)
-    for det in (True, False):
-        out = emu.sparse_scatter_rows(torch.zeros(4, 0), idx, cnt, torch.randn(4, 6), 5, det)
-        assert torch.equal(out, torch.zeros(5, 6))
+    out = emu.sparse_scatter_rows(torch.zeros(4, 0), idx, cnt, torch.randn(4, 6), 5)
+    assert torch.equal(out, torch.zeros(5, 6))
 
 
 # ---------------------------------------------------------------- optimizer
 ADAM_LAYOUTS = [  # (shape, sparse_dim, renorm): W_dec rows, W_enc columns, b_enc, b_dec; long rows take a block each
-    ((23, 9), 0, True), ((23, 9), 0, False), ((9, 23), 1, False), ((23,), 0, False), ((11,), None, False),
-    ((5, 300), 0, True), ((300, 5), 1, False), ((5, 300), 0, False),
+    ((23, 9), 0, True), ((23, 9), 0, False), ((9, 23), 1, False), ((23, ), 0, False), ((11, ), None, False),
+    ((5, 300), 0, True), ((300, 5), 1, False), ((5, 300), 0, False)
 ]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape,sd,renorm,touch", [  # a dense parameter (sd None) is always touched whole
-    (*layout, touch) for layout in ADAM_LAYOUTS for touch in ("some", "all", "none") if layout[1] is not None or
-    touch == "all"])
+@pytest.mark.parametrize(
+    "shape,sd,renorm,touch",
+    [  # a dense parameter (sd None) is always touched whole
+        (*layout, touch) for layout in ADAM_LAYOUTS
+        for touch in ("some", "all", "none") if layout[1] is not None or touch == "all"
+    ])
 def test_adam_b1zero_rows(dtype, shape, sd, renorm, touch):
     p, v, last, rows, grad = adam_case(shape, sd, dtype, touch)
     kw = dict(step=7, lr=3e-2, beta2=0.99, eps=1e-8, sparse_dim=sd, renorm=renorm)
-    results = [check_adam_rows(lambda *a, **k: emu.adam_b1zero_rows_(*a, order=order, **k), p, v, last, rows, grad,
-                               **kw) for order in ORDERS]
+    results = [
+        check_adam_rows(lambda *a, o=order, **k: emu.adam_b1zero_rows_(*a, order=o, **k), p, v, last, rows, grad, **kw)
+        for order in ORDERS
+    ]
     for a, b in zip(*results):
         assert torch.equal(a, b), "optimizer result depends on thread/block order"
 
@@ -137,11 +139,8 @@ def test_grid_stride_loops(dtype):
     idx, val, cnt, W, bias, g = _case(13, 37, 130, dtype, "random")
     for fn in (lambda **e: emu.sparse_decode(idx, val, cnt, W, bias, **e),
                lambda **e: emu.sparse_gather_dot(g, idx, cnt, W, **e),
-               lambda **e: emu.sparse_scatter_rows(val, idx, cnt, g, 37, True, **e)):
+               lambda **e: emu.sparse_scatter_rows(val, idx, cnt, g, 37, **e)):
         assert torch.equal(fn(max_blocks=2).view(torch.uint8), fn().view(torch.uint8))
-    capped = emu.sparse_scatter_rows(val, idx, cnt, g, 37, False, max_blocks=2)
-    assert_close_as_dense(capped, reference.sparse_scatter_rows(val.double(), idx, cnt, g.double(), 37),
-                          reference.sparse_scatter_rows(val, idx, cnt, g, 37))
     for shape, sd, renorm in ADAM_LAYOUTS[:3] + ADAM_LAYOUTS[5:6]:
         p, v, last, rows, grad = adam_case(shape, sd, dtype, "all")
         grad = grad.to(dtype)
@@ -180,7 +179,7 @@ def test_misaligned_pointers_take_the_scalar_path(dtype):
     out = emu.sparse_gather_dot(g, idx, cnt, W, offsets=off)
     assert_close_as_dense(out, reference.sparse_gather_dot(g.double(), idx, cnt, W.double()),
                           reference.sparse_gather_dot(g, idx, cnt, W))
-    out = emu.sparse_scatter_rows(val, idx, cnt, g, 20, True, offsets={"grad": off["grad"]})
+    out = emu.sparse_scatter_rows(val, idx, cnt, g, 20, offsets={"grad": off["grad"]})
     assert_close_as_dense(out, reference.sparse_scatter_rows(val.double(), idx, cnt, g.double(), 20),
                           reference.sparse_scatter_rows(val, idx, cnt, g, 20))
 
@@ -232,7 +231,33 @@ def test_bad_indices_and_counts_never_reach_memory(what):
     dots = emu.sparse_gather_dot(g, idx, cnt, W)
     torch.testing.assert_close(dots, reference.sparse_gather_dot(g, cidx, full, W) * keep)
     want = reference.sparse_scatter_rows(cval, cidx, full, g, 20)
-    torch.testing.assert_close(emu.sparse_scatter_rows(val, idx, cnt, g, 20, False), want)
+    torch.testing.assert_close(emu.sparse_scatter_rows(val, idx, cnt, g, 20), want)
+
+
+@pytest.mark.parametrize("what", ["order", "start"])
+def test_bad_segments_never_reach_memory(what):
+    """The segmented scatter reads the host's (order, start), never indices or counts:
+    called with a corrupted one, it stays in bounds (start clamped to [0, N*K], an
+    order entry outside [0, N*K) skipped), which ASan watches."""
+    idx, val, cnt, _, _, g = _case(7, 20, 64, torch.float32, "padded")
+    n, k = idx.shape
+    order, start = segment_by_feature(idx, cnt, 20)
+    order, start = order.clone(), start.clone()
+    if what == "order":
+        j = int(torch.nonzero(start[1:] > start[:-1])[0, 0])  # a feature with entries
+        order[start[j]] = -1
+        order[start[j + 1] - 1] = 10**12
+    else:
+        start[0], start[5], start[-1] = -3, 10**12, n * k + 100
+    out = harness.run_ok("sparse_scatter_rows_segmented", dict(t=0, S=20, N=n, K=k, D=64),
+                         arrays=dict(order=order, start=start, coef=val, grad=g, out=torch.zeros(20, 64)))["out"]
+    want = torch.zeros(20, 64, dtype=torch.float64)
+    for j in range(20):  # what the clamps make of the corrupted segments
+        for e in range(max(int(start[j]), 0), min(int(start[j + 1]), n * k)):
+            slot = int(order[e])
+            if 0 <= slot < n * k:
+                want[j] += val.reshape(-1)[slot].double() * g[slot // k].double()
+    torch.testing.assert_close(out, want.float())
 
 
 @pytest.mark.parametrize("bad_row", [-1, 23, 999])
@@ -253,25 +278,24 @@ def test_bad_optimizer_rows_never_reach_memory(bad_row):
 # ------------------------------------------- the emulator catches planted bugs
 def _planted(name, threads=32, **ints):
     return harness.run(f"planted_{name}", dict(threads=threads, **ints),
-                       arrays=dict(out=torch.full((threads,), float("nan")), **{"in": torch.arange(threads).float()}))
+                       arrays=dict(out=torch.full((threads, ), float("nan")), **{"in": torch.arange(threads).float()}))
 
 
 def test_planted_correct_reduction_runs():
     for order in ORDERS:
-        r = harness.run("planted_block_sum", dict(threads=96),
-                        arrays=dict(out=torch.full((96,), float("nan")), **{"in": torch.arange(96).float()}),
-                        order=order)
+        r = harness.run("planted_block_sum", dict(threads=96), arrays=dict(out=torch.full(
+            (96, ), float("nan")), **{"in": torch.arange(96).float()}), order=order)
         assert r.returncode == 0, r.stderr
         assert r.arrays["out"][0] == sum(range(96))
 
 
-@pytest.mark.parametrize("name,message", [
-    ("divergent_sync", r"divergent __syncthreads: .* waits at .*planted\.cu:\d+ while .* waits at .*planted\.cu:\d+"),
-    ("exited_sync", r"divergent __syncthreads: .*planted\.cu:\d+ but thread \(3, 0, 0\) .* has exited"),
-    ("shfl_exited_lane", r"__shfl_down_sync: mask 0xffffffff names lane 5, which has exited"),
-    ("shfl_outside_mask", r"__shfl_sync: lane 0 reads lane 20, which is not in the mask 0x0000ffff"),
-    ("deadlock", r"deadlock: no thread can run(.|\n)*__syncthreads at .*planted\.cu:\d+"),
-])
+@pytest.mark.parametrize(
+    "name,message",
+    [("divergent_sync", r"divergent __syncthreads: .* waits at .*planted\.cu:\d+ while .* waits at .*planted\.cu:\d+"),
+     ("exited_sync", r"divergent __syncthreads: .*planted\.cu:\d+ but thread \(3, 0, 0\) .* has exited"),
+     ("shfl_exited_lane", r"__shfl_down_sync: mask 0xffffffff names lane 5, which has exited"),
+     ("shfl_outside_mask", r"__shfl_sync: lane 0 reads lane 20, which is not in the mask 0x0000ffff"),
+     ("deadlock", r"deadlock: no thread can run(.|\n)*__syncthreads at .*planted\.cu:\d+")])
 def test_planted_sync_bugs_abort_with_file_and_line(name, message):
     import re
 
@@ -287,7 +311,7 @@ def test_planted_thread_order_dependence_is_caught():
     for synced in (0, 1):
         for order in ORDERS:
             r = harness.run("planted_neighbour", dict(threads=8, synced=synced),
-                            arrays=dict(out=torch.full((8,), float("nan"))), order=order)
+                            arrays=dict(out=torch.full((8, ), float("nan"))), order=order)
             assert r.returncode == 0, r.stderr
             outs[synced, order] = r.arrays["out"]
     assert not torch.equal(outs[0, "forward"], outs[0, "reverse"])  # the race shows as an order dependence
@@ -295,10 +319,8 @@ def test_planted_thread_order_dependence_is_caught():
     assert torch.equal(outs[1, "forward"], torch.tensor([2.0, 3, 4, 5, 6, 7, 8, 1]))
 
 
-@pytest.mark.parametrize("name,report", [
-    ("global_overflow", "AddressSanitizer: heap-buffer-overflow"),
-    ("shared_overflow", "index 32 out of bounds for type 'float [32]'"),
-])
+@pytest.mark.parametrize("name,report", [("global_overflow", "AddressSanitizer: heap-buffer-overflow"),
+                                         ("shared_overflow", "index 32 out of bounds for type 'float [32]'")])
 def test_planted_out_of_bounds_access_is_caught(name, report):
     r = _planted(name, threads=64 if name == "shared_overflow" else 32)
     assert r.returncode != 0
@@ -311,21 +333,21 @@ def _select_truth(pre, thr, hb, band, col_offset):
 
     p = pre.float()
     a_idx, a_val, a_cnt = compact(((p > thr) & (p > 0)) | torch.isnan(p), pre)
-    n_idx, _, n_cnt = compact((p - thr).abs() < torch.tensor(hb, dtype=torch.float32)) if band else (
-        torch.zeros(pre.shape[0], 0, dtype=torch.int64), None, torch.zeros(pre.shape[0], dtype=torch.int32))
+    band_idx, _, band_cnt = compact((p - thr).abs() < torch.tensor(hb, dtype=torch.float32)) if band else (torch.zeros(
+        pre.shape[0], 0, dtype=torch.int64), None, torch.zeros(pre.shape[0], dtype=torch.int32))
     a_idx = torch.where(torch.arange(a_idx.shape[1])[None] < a_cnt[:, None].long(), a_idx + col_offset, 0)
-    n_idx = torch.where(torch.arange(n_idx.shape[1])[None] < n_cnt[:, None].long(), n_idx + col_offset, 0)
-    return a_idx, a_val, a_cnt, n_idx, n_cnt, (p > thr).sum(1)
+    band_idx = torch.where(torch.arange(band_idx.shape[1])[None] < band_cnt[:, None].long(), band_idx + col_offset, 0)
+    return a_idx, a_val, a_cnt, band_idx, band_cnt, (p > thr).sum(1)
 
 
 def _select_case(n, c, dtype, mode):
     pre = torch.randn(n, c).to(dtype)
     thr = (0.5 * torch.rand(c) + 0.05)
     if mode == "all":
-        thr = torch.full((c,), -1.0)
+        thr = torch.full((c, ), -1.0)
         pre = pre.abs() + 0.5
     elif mode == "none":
-        thr = torch.full((c,), 100.0)
+        thr = torch.full((c, ), 100.0)
     if n and c and mode == "edges":
         # exactly at the threshold (not active, in the band), at the band's edges, NaN, -inf, 0
         edge = torch.tensor([0.25, 0.25 + 0.125, 0.25 - 0.125, float("nan"), -float("inf"), 0.0])[:c]
@@ -335,8 +357,8 @@ def _select_case(n, c, dtype, mode):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n,c,plan", [(1, 33, None), (0, 50, None), (7, 300, None), (5, 700, (3, 256)),
-                                      (3, 5000, None), (4, 1, None)])
+@pytest.mark.parametrize("n,c,plan", [(1, 33, None), (0, 50, None), (7, 300, None), (5, 700, (3, 256)), (3, 5000, None),
+                                      (4, 1, None)])
 @pytest.mark.parametrize("mode", ["mixed", "all", "none", "edges"])
 @pytest.mark.parametrize("band", [True, False])
 def test_jumprelu_select(dtype, n, c, plan, mode, band):
@@ -345,7 +367,7 @@ def test_jumprelu_select(dtype, n, c, plan, mode, band):
     want = _select_truth(pre, thr, hb, band, off)
     got_f = emu.jumprelu_select(pre, thr, hb, band, off, plan=plan, order="forward")
     got_r = emu.jumprelu_select(pre, thr, hb, band, off, plan=plan, order="reverse")
-    names = ("a_idx", "a_val", "a_cnt", "n_idx", "n_cnt", "steps")
+    names = ("a_idx", "a_val", "a_cnt", "band_idx", "band_cnt", "steps")
     for got in (got_f, got_r):
         for name, g, w in zip(names, got, want):
             assert g.shape == w.shape, (name, g.shape, w.shape)
@@ -354,41 +376,3 @@ def test_jumprelu_select(dtype, n, c, plan, mode, band):
                     torch.nan_to_num(g.float(), 7.0), torch.nan_to_num(w.float(), 7.0)), name
             else:
                 assert torch.equal(g.long(), w.long()), name
-
-
-# ------------------------------------- whole training steps through the kernels
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n,mode", [(13, "mixed"), (13, "all"), (13, "none"), (1, "mixed"), (0, "mixed")])
-@pytest.mark.parametrize("apply_b_dec", [False, True])
-def test_training_step_through_the_cuda_kernels(dtype, n, mode, apply_b_dec):
-    """The cuda backend's training step (chunked GEMM + the fused selection, sparse decode,
-    gather-dot and segmented scatter) with every kernel emulated: the loss and every
-    gradient, threshold included, in the lean form and through autograd, against the
-    float64 truth with the tolerance of the dense path in the same dtype."""
-    from sae_fast.sparse_train import sparse_jumprelu_sae_loss, sparse_jumprelu_sae_row_grads
-
-    from cuda_emu import torch_impl
-    from helpers import exact_pre_case
-    from test_row_grads import D_IN as d_in, D_SAE as d_sae, KW, _reference_grads
-
-    kw = dict(KW, apply_b_dec_to_input=apply_b_dec)
-    x, p = exact_pre_case(n, d_in, d_sae, dtype, mode)
-    if apply_b_dec:
-        p["b_dec"] = torch.zeros_like(p["b_dec"])  # keeps x - b_dec on the exact grid
-
-    truth, tg = _reference_grads(x.double(), {k: v.double() for k, v in p.items()}, apply_b_dec)
-    dense, dg = _reference_grads(x, p, apply_b_dec)
-    impl = dict(encoder=torch_impl.encoder, prims=torch_impl.PRIMS)
-    out, g = sparse_jumprelu_sae_row_grads(x, **p, **kw, **impl, dense=False)
-    assert out.l0.item() == truth.l0.item() and torch.equal(out.fired, truth.fired)
-    assert_close_as_dense(out.mse_loss, truth.mse_loss, dense.mse_loss, what="mse", ulp_dtype=dtype)
-    for k, v in g.dense(d_sae).items():
-        assert_close_as_dense(v, tg[k], dg[k], what=f"lean step grad {k}")
-    ps = {k: v.clone().requires_grad_() for k, v in p.items()}
-    out = sparse_jumprelu_sae_loss(x, **ps, **kw, **impl)
-    out.loss.backward()
-    assert_close_as_dense(out.loss.detach(), truth.loss, dense.loss, what="loss", ulp_dtype=dtype)
-    for k, v in ps.items():
-        assert_close_as_dense(v.grad, tg[k], dg[k], what=f"autograd grad {k}")
-    if n > 1 and mode == "mixed":
-        assert g.threshold.abs().sum() > 0  # the band is exercised

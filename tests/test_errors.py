@@ -38,7 +38,8 @@ def test_dtype_mix(sae):
 def test_devices_differ():
     W_enc = torch.randn(8, 16)
     with pytest.raises(ValueError, match="same device"):
-        sae_fast.jumprelu_encode(torch.randn(2, 8), W_enc, torch.zeros(16, device="meta"), torch.zeros(16), backend="torch")
+        sae_fast.jumprelu_encode(torch.randn(2, 8), W_enc, torch.zeros(16, device="meta"), torch.zeros(16),
+                                 backend="torch")
 
 
 def test_bad_params():

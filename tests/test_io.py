@@ -51,9 +51,11 @@ def test_npz_errors_name_file_and_key(tmp_path):
 
 def _write_saelens(d, params, **cfg):
     d.mkdir()
-    base = {"architecture": "jumprelu", "d_in": 6, "d_sae": 10, "dtype": "float32", "device": "cpu",
-            "apply_b_dec_to_input": False, "normalize_activations": "none", "model_name": "gemma-2-2b",
-            "hook_name": "blocks.12.hook_resid_post"}
+    base = {
+        "architecture": "jumprelu", "d_in": 6, "d_sae": 10, "dtype": "float32", "device": "cpu",
+        "apply_b_dec_to_input": False, "normalize_activations": "none", "model_name": "gemma-2-2b",
+        "hook_name": "blocks.12.hook_resid_post"
+    }
     base.update(cfg)
     (d / "cfg.json").write_text(json.dumps(base))
     save_file({k: torch.as_tensor(v) for k, v in params.items()}, str(d / "sae_weights.safetensors"))
@@ -79,15 +81,10 @@ def test_saelens_log_threshold_and_dtype(tmp_path):
     assert torch.allclose(sae.threshold, thr, rtol=1e-6)
 
 
-@pytest.mark.parametrize(
-    "cfg, match",
-    [
-        ({"architecture": "topk"}, "'architecture' is 'topk'"),
-        ({"normalize_activations": "layer_norm"}, "'normalize_activations' is 'layer_norm'"),
-        ({"d_sae": 11}, "'d_sae' is 11"),
-        ({"dtype": "int8"}, "'dtype' must be one of"),
-    ],
-)
+@pytest.mark.parametrize("cfg, match",
+                         [({"architecture": "topk"}, "'architecture' is 'topk'"),
+                          ({"normalize_activations": "layer_norm"}, "'normalize_activations' is 'layer_norm'"),
+                          ({"d_sae": 11}, "'d_sae' is 11"), ({"dtype": "int8"}, "'dtype' must be one of")])
 def test_saelens_rejects_unsupported(tmp_path, cfg, match):
     p = {k: torch.from_numpy(v) for k, v in _np_params().items()}
     _write_saelens(tmp_path / "s", p, **cfg)

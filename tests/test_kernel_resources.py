@@ -23,12 +23,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAVE_NVCC = kr._nvcc() is not None
 ARCHS = set(kr.ARCHS)
 DTYPES = {"float32", "bfloat16", "float16"}
-KEYS = {"language", "kernel", "arch", "dtype", "config", "registers", "spill_stores", "spill_loads", "spill_bytes",
-        "shared_bytes", "threads", "occupancy", "blocks_per_sm", "limiter", "tensor_cores", "error"}
+KEYS = {
+    "language", "kernel", "arch", "dtype", "config", "registers", "spill_stores", "spill_loads", "spill_bytes",
+    "shared_bytes", "threads", "occupancy", "blocks_per_sm", "limiter", "tensor_cores", "error"
+}
 
 
 def _triton_kernels():
-    src = open(os.path.join(ROOT, "sae_fast", "triton_kernels.py")).read()
+    src = open(os.path.join(ROOT, "sae_fast", "backends", "triton_kernels.py")).read()
     return set(re.findall(r"@triton\.jit(?:\([^)]*\))?\s*\ndef (\w+_kernel)\(", src))
 
 
@@ -90,7 +92,7 @@ def test_every_triton_kernel_for_both_archs_and_all_dtypes(quick_run):
     have = {(r["kernel"], r["arch"], r["dtype"]) for r in rows if r["language"] == "triton"}
     missing = {(k, a, d) for k in want for a in ARCHS for d in DTYPES} - have
     assert not missing, sorted(missing)
-    from sae_fast import triton_kernels as tk
+    from sae_fast.backends import triton_kernels as tk
 
     for r in rows:
         if r["kernel"] != "_jumprelu_encode_kernel":
@@ -124,8 +126,8 @@ def test_result_files(quick_run):
     assert rec["environment"]["commit"] and rec["environment"]["triton"]
     assert rec["problems"] == [] and len(rec["rows"]) == len(rows)
     assert rec["architectures"]["sm_90a"]["smem_per_block"] == 227 * 1024
-    assert "| lang | kernel |" in files["md"] and files["md"].count("\n| triton |") == sum(
-        r["language"] == "triton" for r in rows)
+    assert "| lang | kernel |" in files["md"] and files["md"].count("\n| triton |") == sum(r["language"] == "triton"
+                                                                                           for r in rows)
 
 
 # ------------------------------------------------------------------ fast checks
@@ -168,24 +170,33 @@ def test_source_parsing():
            "ptxas info    : Function properties for _Z1kv\n"
            "    16 bytes stack frame, 8 bytes spill stores, 12 bytes spill loads\n"
            "ptxas info    : Used 255 registers, used 1 barriers, 32 bytes smem, 400 bytes cmem[0]\n")
-    assert kr._ptxas_log(log)["_Z1kv"] == {"stack": 16, "spill_stores": 8, "spill_loads": 12, "registers": 255,
-                                           "smem": 32}
+    assert kr._ptxas_log(log)["_Z1kv"] == {
+        "stack": 16, "spill_stores": 8, "spill_loads": 12, "registers": 255, "smem": 32
+    }
 
 
 def test_every_cu_file_is_picked_up():
-    assert {os.path.relpath(p, ROOT) for p in kr.cuda_sources()} == {
-        os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "kernels", "*.cu"))}
+    assert {os.path.relpath(p, ROOT)
+            for p in kr.cuda_sources()
+            } == {os.path.relpath(p, ROOT)
+                  for p in glob.glob(os.path.join(ROOT, "kernels", "*.cu"))}
     assert shutil.which("c++filt") or shutil.which("cu++filt") or True  # demangling is optional
 
 
 def test_problems_are_reported():
-    ok = {"language": "triton", "kernel": "k", "arch": "sm_90a", "dtype": "float32", "config": "c", "error": None,
-          "spill_bytes": 0, "spill_stores": 0, "spill_loads": 0, "registers": 40, "shared_bytes": 1024,
-          "ptx_target": "sm_90a"}
+    ok = {
+        "language": "triton", "kernel": "k", "arch": "sm_90a", "dtype": "float32", "config": "c", "error": None,
+        "spill_bytes": 0, "spill_stores": 0, "spill_loads": 0, "registers": 40, "shared_bytes": 1024,
+        "ptx_target": "sm_90a"
+    }
     assert kr.problems([ok]) == []
-    bad = [dict(ok, spill_bytes=8, spill_stores=4, spill_loads=4), dict(ok, error="PTXASError: x"),
-           dict(ok, shared_bytes=227 * 1024 + 1), dict(ok, ptx_target="sm_90"),
-           dict(ok, arch="sm_80", shared_bytes=163 * 1024 + 1, ptx_target=None)]
+    bad = [
+        dict(ok, spill_bytes=8, spill_stores=4, spill_loads=4),
+        dict(ok, error="PTXASError: x"),
+        dict(ok, shared_bytes=227 * 1024 + 1),
+        dict(ok, ptx_target="sm_90"),
+        dict(ok, arch="sm_80", shared_bytes=163 * 1024 + 1, ptx_target=None)
+    ]
     found = kr.problems(bad)
-    assert [p.split(":")[0] for p in found] == ["spill", "compile failure", "shared memory overflow", "wrong target",
-                                                "shared memory overflow"]
+    assert [p.split(":")[0] for p in found
+            ] == ["spill", "compile failure", "shared memory overflow", "wrong target", "shared memory overflow"]

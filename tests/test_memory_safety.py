@@ -24,13 +24,18 @@ import torch
 import sae_fast
 from sae_fast import _checks, backends, reference
 from sae_fast.optim import SparseAdamB1Zero
-from sae_fast.sparse_train import RowGrads
+from sae_fast.step import RowGrads
+
+from helpers import Impl, impls
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-BACKENDS = ["torch", "cpu", "triton"]
+# every backend users can select, on CPU tensors (the bad inputs reach each through its public
+# ops, the ops users call directly and its optimizer)
+IMPLS = impls(device="cpu", where=lambda i: i.selectable)
 # "cpu-device-path": the C++ ops with _SAE_FAST_TEST_DEVICE_CHECK_PATH=1, i.e. the code
 # csrc/checks.h runs for CUDA tensors, here on CPU tensors.
-WORKERS = BACKENDS + ["cpu-device-path"]
+WORKERS = [(p.values[0].name, p.marks) for p in IMPLS] + [("cpu-device-path", p.marks)
+                                                          for p in impls("cpu", device="cpu")]
 N, K, S, D = 4, 4, 32, 8  # tokens, capacity, d_sae, d_in
 
 # The check's cost (see sae_fast/_checks.py, next to check_sparse_ranges) was printed by:
@@ -39,12 +44,6 @@ CHECK_COST_COMMAND = "python tests/test_memory_safety.py --cost"
 
 def _backend_of(worker: str) -> str:
     return "cpu" if worker == "cpu-device-path" else worker
-
-
-def _skip_unavailable(backend: str) -> None:
-    why = backends.unavailable_reason(backend, "cpu")
-    if why:
-        pytest.skip(f"backend {backend}: {why}")
 
 
 # ----------------------------------------------------------------------- inputs
@@ -81,12 +80,7 @@ def _module_decode(backend, **bad):
 
 def _ops(backend):
     """The op namespace users can call directly: the Triton ops, or the C++ ones."""
-    if backend == "triton":
-        return torch.ops.sae_fast_triton
-    from sae_fast import cpp_ops
-
-    cpp_ops._register_ops()
-    return torch.ops.sae_fast
+    return Impl(backend, torch.device("cpu")).ops
 
 
 def _op_decode(backend, **bad):
@@ -108,13 +102,13 @@ def _op_gather(backend, **bad):
 
 def _op_scatter(backend, d_sae=S, **bad):
     idx, val, cnt = _acts(**bad)
-    _ops(backend).sparse_scatter_rows(val, idx, cnt, torch.randn(N, D), d_sae, True)
+    _ops(backend).sparse_scatter_rows(val, idx, cnt, torch.randn(N, D), d_sae)
 
 
 def _capacity(backend, capacity):
     x = torch.randn(3, D)
     W_enc = torch.randn(D, S)
-    sae_fast.jumprelu_encode_sparse(x, W_enc, torch.zeros(S), torch.full((S,), 0.1), capacity=capacity,
+    sae_fast.jumprelu_encode_sparse(x, W_enc, torch.zeros(S), torch.full((S, ), 0.1), capacity=capacity,
                                     backend=backend)
 
 
@@ -178,15 +172,14 @@ CASES = {
     "module_decode_index_5000": (lambda b: _module_decode(b, bad_index=5000), OOR, IDX.format(5000), ALL),
     "module_decode_counts_100000": (lambda b: _module_decode(b, bad_count=100000), OOR, CNT.format(100000), ALL),
     # the ops users can call directly
-    "op_decode_index_1e12": (lambda b: _op_decode(b, bad_index=10**12), OOR,
-                             r"sparse_decode: " + IDX.format(10**12), OPS),
+    "op_decode_index_1e12": (lambda b: _op_decode(b, bad_index=10**12), OOR, r"sparse_decode: " + IDX.format(10**12),
+                             OPS),
     "op_decode_counts_100000": (lambda b: _op_decode(b, bad_count=100000), OOR, CNT.format(100000), OPS),
-    "op_gather_index_-1": (lambda b: _op_gather(b, bad_index=-1), OOR,
-                           r"sparse_gather_dot: " + IDX.format(-1), OPS),
+    "op_gather_index_-1": (lambda b: _op_gather(b, bad_index=-1), OOR, r"sparse_gather_dot: " + IDX.format(-1), OPS),
     "op_gather_index_1e12": (lambda b: _op_gather(b, bad_index=10**12), OOR, IDX.format(10**12), OPS),
     "op_gather_counts_100000": (lambda b: _op_gather(b, bad_count=100000), OOR, CNT.format(100000), OPS),
-    "op_scatter_index_d_sae": (lambda b: _op_scatter(b, bad_index=S), OOR,
-                               r"sparse_scatter_rows: " + IDX.format(32), OPS),
+    "op_scatter_index_d_sae": (lambda b: _op_scatter(b, bad_index=S), OOR, r"sparse_scatter_rows: " + IDX.format(32),
+                               OPS),
     "op_scatter_index_1e12": (lambda b: _op_scatter(b, bad_index=10**12), OOR, IDX.format(10**12), OPS),
     "op_scatter_counts_-1": (lambda b: _op_scatter(b, bad_count=-1), OOR, CNT.format(-1), OPS),
     "op_scatter_counts_100000": (lambda b: _op_scatter(b, bad_count=100000), OOR, CNT.format(100000), OPS),
@@ -208,8 +201,7 @@ CASES = {
                      r"step_rows: rows\[2\]=-1 outside \[0, n_rows=32\) \(W_dec", ALL),
     "step_rows_n_rows": (lambda b: _step_rows(b, [0, 32, 5]), OOR, r"rows\[1\]=32 outside \[0, n_rows=32\)", ALL),
     "step_rows_999": (lambda b: _step_rows(b, [999]), OOR, r"rows\[0\]=999 outside \[0, n_rows=32\)", ALL),
-    "step_rows_duplicate": (lambda b: _step_rows(b, [3, 7, 3, 7]), "ValueError", r"rows\[2\]=3 repeats rows\[0\]",
-                            ALL),
+    "step_rows_duplicate": (lambda b: _step_rows(b, [3, 7, 3, 7]), "ValueError", r"rows\[2\]=3 repeats rows\[0\]", ALL),
     "step_rows_duplicate_before_out_of_range": (lambda b: _step_rows(b, [4, 4, 99]), "ValueError",
                                                 r"rows\[1\]=4 repeats rows\[0\]", ALL),
     "step_rows_wider_sae": (_wider_row_grads, OOR, r"rows\[2\]=40 outside \[0, n_rows=32\).*wider SAE", ALL),
@@ -220,9 +212,9 @@ CASES = {
     "step_rows_2d": (lambda b: _step_rows(b, [[1, 2]], grad_rows=2), "TypeError",
                      r"rows must be a 1-D int64 tensor, got torch.int64 \[1, 2\]", ALL),
     # the fused optimizer op, called directly (the same checks as csrc/checks.h)
-    "adam_op_-1": (lambda b: _adam_op(b, (0, -1)), OOR, r"adam_b1zero_rows_: rows\[1\]=-1 outside \[0, n_rows=32\)",
-                   OPS),
-    "adam_op_999": (lambda b: _adam_op(b, (999,)), OOR, r"rows\[0\]=999 outside \[0, n_rows=32\)", OPS),
+    "adam_op_-1": (lambda b: _adam_op(b,
+                                      (0, -1)), OOR, r"adam_b1zero_rows_: rows\[1\]=-1 outside \[0, n_rows=32\)", OPS),
+    "adam_op_999": (lambda b: _adam_op(b, (999, )), OOR, r"rows\[0\]=999 outside \[0, n_rows=32\)", OPS),
     "adam_op_duplicate": (lambda b: _adam_op(b, (5, 1, 5)), "ValueError", r"rows\[2\]=5 repeats rows\[0\]", OPS),
     "adam_op_last_shape": (lambda b: _adam_op(b, last_n=S - 1), "ValueError", r"last must be a contiguous int64 \[32\]",
                            OPS),
@@ -232,7 +224,7 @@ CASES = {
                         r"v must be a contiguous float32 tensor", OPS),
     "adam_op_no_rows": (lambda b: _adam_op(b, no_rows=True), "ValueError", r"rows are required with a sparse_dim", OPS),
     "adam_op_sparse_dim": (lambda b: _adam_op(b, sparse_dim=2), "ValueError", r"sparse_dim must be 0 for a 1-D param",
-                           OPS),
+                           OPS)
 }
 CPP_RAISES_RUNTIME_ERROR = {n for n in CASES if n.startswith(("op_", "adam_op_"))}
 
@@ -257,8 +249,10 @@ def _run_cases(worker: str, names: list[str]) -> None:
             CASES[name][0](backend)
             res = {"case": name, "raised": None}
         except Exception as e:  # noqa: BLE001 - reported to the parent
-            res = {"case": name, "raised": type(e).__name__, "mro": [c.__name__ for c in type(e).__mro__],
-                   "message": str(e)}
+            res = {
+                "case": name, "raised": type(e).__name__, "mro": [c.__name__ for c in type(e).__mro__],
+                "message": str(e)
+            }
         print(json.dumps(res), flush=True)
 
 
@@ -316,11 +310,12 @@ def _applies(worker: str, case: str) -> bool:
     return _backend_of(worker) in CASES[case][3]
 
 
-@pytest.mark.parametrize("worker,case", [(w, c) for w in WORKERS for c in CASES
-                                         if not c.startswith("_") and _applies(w, c)])
+@pytest.mark.parametrize("worker,case", [
+    pytest.param(w, c, id=f"{w}-{c}", marks=marks) for w, marks in WORKERS
+    for c in CASES if not c.startswith("_") and _applies(w, c)
+])
 def test_bad_input_is_refused(worker, case):
     backend = _backend_of(worker)
-    _skip_unavailable(backend)
     _, exc_name, pattern, applies = CASES[case]
     res = _outcomes(worker)[case]
     assert "crashed" not in res, f"the process died (exit {res.get('crashed')}):\n{res.get('stderr')}"
@@ -336,7 +331,7 @@ def test_bad_input_is_refused(worker, case):
 def _valid_acts(n, k):
     """Rows of distinct features; padding slots hold index 0 and value 0."""
     g = torch.Generator().manual_seed(n * 31 + k)
-    cnt = torch.randint(0, k + 1, (n,), generator=g, dtype=torch.int32)
+    cnt = torch.randint(0, k + 1, (n, ), generator=g, dtype=torch.int32)
     idx = torch.zeros(n, k, dtype=torch.int64)
     val = torch.zeros(n, k)
     for b in range(n):
@@ -346,38 +341,38 @@ def _valid_acts(n, k):
     return idx, val, cnt
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("n,k", [(6, 5), (0, 3), (5, 0), (0, 0), (3, 1)])
-def test_valid_inputs_pass(backend, n, k):
-    _skip_unavailable(backend)
+def test_valid_inputs_pass(impl, n, k):
+    backend = impl.name
     idx, val, cnt = _valid_acts(n, k)
     W, b = _W()
     acts = sae_fast.SparseActs(idx, val, cnt, S)
     want = reference.sparse_decode_raw(idx, val.double(), cnt, W.double(), b.double())
     got = sae_fast.sparse_decode(acts, W, b, backend=backend)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
-    if backend != "torch":
-        ops = _ops(backend)
+    if impl.ops is not None:
+        ops = impl.ops
         g = torch.randn(n, D)
-        torch.testing.assert_close(ops.sparse_gather_dot(g, idx, cnt, W).double(),
-                                   reference.sparse_gather_dot(g.double(), idx, cnt, W.double()), rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(ops.sparse_scatter_rows(val, idx, cnt, g, S, True).double(),
-                                   reference.sparse_scatter_rows(val.double(), idx, cnt, g.double(), S),
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            ops.sparse_gather_dot(g, idx, cnt, W).double(),
+            reference.sparse_gather_dot(g.double(), idx, cnt, W.double()), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            ops.sparse_scatter_rows(val, idx, cnt, g, S).double(),
+            reference.sparse_scatter_rows(val.double(), idx, cnt, g.double(), S), rtol=1e-5, atol=1e-5)
         # d_sae 0 with no valid slot: a compact step that touched no feature
-        assert ops.sparse_scatter_rows(val, idx, torch.zeros_like(cnt), g, 0, True).shape == (0, D)
+        assert ops.sparse_scatter_rows(val, idx, torch.zeros_like(cnt), g, 0).shape == (0, D)
     x = torch.randn(n, D)
     for cap in (0, 7, None):
-        sp = sae_fast.jumprelu_encode_sparse(x, torch.randn(D, S), torch.zeros(S), torch.full((S,), 0.1),
-                                             capacity=cap, backend=backend)
+        sp = sae_fast.jumprelu_encode_sparse(x, torch.randn(D, S), torch.zeros(S), torch.full((S, ), 0.1), capacity=cap,
+                                             backend=backend)
         assert sp.capacity >= (cap or 0) and sp.n_tokens == n
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("rows", [[], [31], [3, 0, 17], list(range(32))])
-def test_valid_rows_pass_and_match_the_reference(backend, rows):
-    _skip_unavailable(backend)
-    sae, opt = _opt(backend)
+def test_valid_rows_pass_and_match_the_reference(impl, rows):
+    sae, opt = _opt(impl.name)
     W0 = sae.W_dec.detach().clone()
     r = torch.tensor(rows, dtype=torch.int64)
     g = torch.randn(len(rows), D)
@@ -385,22 +380,23 @@ def test_valid_rows_pass_and_match_the_reference(backend, rows):
     want, v, last = W0.clone(), torch.zeros(S, D), torch.zeros(S, dtype=torch.int64)
     reference.adam_b1zero_rows_(want, v, last, r, g, step=1, lr=1e-2, beta2=0.999, eps=1e-8, sparse_dim=0)
     torch.testing.assert_close(sae.W_dec.detach(), want)
-    if backend != "torch":
+    if impl.ops is not None:
         p, v2, last2 = W0.clone(), torch.zeros(S, D), torch.zeros(S, dtype=torch.int64)
-        _ops(backend).adam_b1zero_rows_(p, v2, last2, r, g, 1, 1e-2, 0.999, 1e-8, 0, False)
+        impl.ops.adam_b1zero_rows_(p, v2, last2, r, g, 1, 1e-2, 0.999, 1e-8, 0, False)
         torch.testing.assert_close(p, want)
 
 
+@pytest.mark.parametrize("impl", impls("cpu", device="cpu"))
 @pytest.mark.parametrize("rows", [[3, 0, 17], [0, 5, 31], [7]])
-def test_valid_inputs_pass_the_device_path_of_the_cpp_checks(monkeypatch, rows):
-    _skip_unavailable("cpu")
+def test_valid_inputs_pass_the_device_path_of_the_cpp_checks(monkeypatch, rows, impl):
     monkeypatch.setenv("_SAE_FAST_TEST_DEVICE_CHECK_PATH", "1")
-    ops = _ops("cpu")
+    ops = impl.ops
     for n, k in ((6, 5), (5, 0), (3, 1)):
         idx, val, cnt = _valid_acts(n, k)
         W, b = _W()
-        torch.testing.assert_close(ops.sparse_decode(idx, val, cnt, W, b).double(),
-                                   reference.sparse_decode_raw(idx, val.double(), cnt, W.double(), b.double()))
+        torch.testing.assert_close(
+            ops.sparse_decode(idx, val, cnt, W, b).double(),
+            reference.sparse_decode_raw(idx, val.double(), cnt, W.double(), b.double()))
     p, v, last = torch.randn(S, D), torch.zeros(S, D), torch.zeros(S, dtype=torch.int64)
     r = torch.tensor(rows)
     ops.adam_b1zero_rows_(p, v, last, r, torch.randn(len(rows), D), 1, 1e-3, 0.99, 1e-8, 0, False)
@@ -408,7 +404,7 @@ def test_valid_inputs_pass_the_device_path_of_the_cpp_checks(monkeypatch, rows):
 
 
 def test_training_step_and_row_grads_still_pass_the_checks():
-    # the lean step's RowGrads (sorted, unique rows) go through step_rows' checks
+    # the row-grads step's RowGrads (sorted, unique rows) go through step_rows' checks
     sae = sae_fast.JumpReLUSAE(D, S, backend="torch")
     opt = SparseAdamB1Zero.for_sae(sae, backend="torch")
     for _ in range(3):
@@ -437,29 +433,36 @@ def deferred_busy():
     _checks._PENDING.clear()
 
 
-def _triton():
-    _skip_unavailable("triton")
-    return torch.ops.sae_fast_triton
+# the Triton ops defer their verdict on CUDA tensors; forced here on CPU tensors
+TRITON_ON_CPU = impls("triton", device="cpu")
 
 
-def test_deferred_error_raises_at_the_next_op_call(deferred):
-    ops = _triton()
+def _decode_with_bad_count(impl):
+    """A sparse_decode whose counts[2] = -1: the kernel's loop over the row's slots is empty,
+    so this bad input is memory-safe here; the call returns and the verdict waits."""
     W, b = _W()
-    # counts[2] = -1: the kernel's loop over the row's slots is empty, so this bad
-    # input is memory-safe here; the call returns and the verdict waits
     idx, val, cnt = _acts(bad_count=-1)
-    ops.sparse_decode(idx, val, cnt, W, b)
+    impl.ops.sparse_decode(idx, val, cnt, W, b)
+    return W, b
+
+
+@pytest.mark.parametrize("impl", TRITON_ON_CPU)
+def test_deferred_error_raises_at_the_next_op_call(deferred, impl):
+    ops = impl.ops
+    W, b = _decode_with_bad_count(impl)
     assert len(_checks._PENDING) == 1
     g_idx, g_val, g_cnt = _acts()
-    with pytest.raises(_checks.OutOfRangeError, match=r"sae_fast_triton::sparse_decode: counts\[2\]=-1 outside "
-                                                      r"\[0, capacity=4\] \[reported after that call returned"):
+    with pytest.raises(
+            _checks.OutOfRangeError, match=r"sae_fast_triton::sparse_decode: counts\[2\]=-1 outside "
+            r"\[0, capacity=4\] \[reported after that call returned"):
         ops.sparse_decode(g_idx, g_val, g_cnt, W, b)
     assert not _checks._PENDING
     ops.sparse_decode(g_idx, g_val, g_cnt, W, b)  # reported once, then gone
 
 
-def test_check_pending_waits_and_counts_the_rest(deferred_busy):
-    ops = _triton()
+@pytest.mark.parametrize("impl", TRITON_ON_CPU)
+def test_check_pending_waits_and_counts_the_rest(deferred_busy, impl):
+    ops = impl.ops
     W, _ = _W()
     idx, _, cnt = _acts(bad_count=-1)
     ops.sparse_gather_dot(torch.randn(N, D), idx, cnt, W)
@@ -472,21 +475,19 @@ def test_check_pending_waits_and_counts_the_rest(deferred_busy):
     sae_fast.ops.check_pending()  # nothing left
 
 
-def test_deferred_rows_through_step_rows(deferred):
-    _skip_unavailable("triton")
-    sae, opt = _opt("triton")
+@pytest.mark.parametrize("impl", TRITON_ON_CPU)
+def test_deferred_rows_through_step_rows(deferred, impl):
+    sae, opt = _opt(impl.name)
     opt.step_rows({sae.W_dec: (torch.tensor([4, 1, 4]), torch.randn(3, D))})
     with pytest.raises(ValueError, match=r"step_rows: rows\[2\]=4 repeats rows\[0\].*reported after"):
         _checks.check_pending()
 
 
-def test_deferred_error_raised_where_the_encoder_syncs(deferred):
-    ops = _triton()
-    W, b = _W()
-    idx, val, cnt = _acts(bad_count=-1)
-    ops.sparse_decode(idx, val, cnt, W, b)
+@pytest.mark.parametrize("impl", TRITON_ON_CPU)
+def test_deferred_error_raised_where_the_encoder_syncs(deferred, impl):
+    _decode_with_bad_count(impl)
     with pytest.raises(_checks.OutOfRangeError, match=r"counts\[2\]=-1"):
-        sae_fast.jumprelu_encode_sparse(torch.randn(3, D), torch.randn(D, S), torch.zeros(S), torch.full((S,), 0.1),
+        sae_fast.jumprelu_encode_sparse(torch.randn(3, D), torch.randn(D, S), torch.zeros(S), torch.full((S, ), 0.1),
                                         backend="triton")
 
 
@@ -511,23 +512,26 @@ def test_deferred_mechanism_reports_first_position(deferred_busy):
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_fused_triton_check_finds_what_the_torch_check_finds(seed):
+@pytest.mark.parametrize("impl", TRITON_ON_CPU)
+def test_fused_triton_check_finds_what_the_torch_check_finds(impl, seed):
     # the deferred verdict of the Triton ops comes from one kernel (tk.locate_sparse);
     # on random inputs it names the same first slot as the torch-op version
-    _skip_unavailable("triton")
-    from sae_fast import triton_kernels as tk
+    from sae_fast.backends import triton_kernels as tk
 
     g = torch.Generator().manual_seed(seed)
     for trial in range(25):
         n, k = int(torch.randint(1, 40, (), generator=g)), int(torch.randint(0, 9, (), generator=g))
         idx = torch.randint(-3, S + 3, (n, k), generator=g)
-        cnt = torch.randint(-2, k + 3, (n,), generator=g, dtype=torch.int32)
+        cnt = torch.randint(-2, k + 3, (n, ), generator=g, dtype=torch.int32)
         if trial % 3 == 0:
             cnt = cnt.clamp(0, k)
         if trial % 5 == 0:
             idx = idx.clamp(0, S - 1)
-        verdicts = [str(_checks._sparse_report("op", n, k, S, locate(idx, cnt, S).tolist(), False))
-                    for locate in (_checks._locate_sparse, tk.locate_sparse)]
+        verdicts = [
+            str(_checks._sparse_report("op", n, k, S,
+                                       locate(idx, cnt, S).tolist(), False))
+            for locate in (_checks._locate_sparse, tk.locate_sparse)
+        ]
         assert verdicts[0] == verdicts[1]
 
 
@@ -538,34 +542,38 @@ def test_unchecked_opt_in(monkeypatch):
     # a duplicate row (the reference's index_put), a negative count (the C++ loop is empty)
     _decode("torch", bad_count=5)
     _step_rows("torch", [2, 2])
-    if backends.unavailable_reason("cpu", "cpu") is None:
+    for p in impls("cpu", device="cpu"):  # the C++ CPU ops, where built
         idx, val, cnt = _acts(bad_count=-1)
-        _ops("cpu").sparse_decode(idx, val, cnt, *_W())
+        p.values[0].ops.sparse_decode(idx, val, cnt, *_W())
     monkeypatch.setenv("SAE_FAST_UNCHECKED", "0")
     with pytest.raises(_checks.OutOfRangeError):
         _decode("torch", bad_count=5)
 
 
-@pytest.mark.parametrize("bad", [dict(bad_index=-1), dict(bad_index=S), dict(bad_index=10**12), dict(bad_count=-1),
-                                 dict(bad_count=100000)])
-def test_unchecked_cpu_kernels_stay_in_bounds(monkeypatch, bad):
+@pytest.mark.parametrize(
+    "bad", [dict(bad_index=-1),
+            dict(bad_index=S),
+            dict(bad_index=10**12),
+            dict(bad_count=-1),
+            dict(bad_count=100000)])
+@pytest.mark.parametrize("impl", impls("cpu", device="cpu"))
+def test_unchecked_cpu_kernels_stay_in_bounds(monkeypatch, bad, impl):
     """With the checks skipped, the C++ CPU kernels still touch nothing out of bounds
     (their guards, as the CUDA and Triton kernels'): an invalid slot reads as 0 and adds
     nothing, a count is clamped to the capacity."""
-    _skip_unavailable("cpu")
     monkeypatch.setenv("SAE_FAST_UNCHECKED", "1")
     idx, val, cnt = _acts(**bad)
     W, bias = _W()
     k = idx.shape[1]
     keep = (torch.arange(k)[None] < cnt.clamp(0, k)[:, None].long()) & (idx >= 0) & (idx < S)
     cidx, cval, full = torch.where(keep, idx, 0), torch.where(keep, val, 0.0), torch.full_like(cnt, k)
-    ops = _ops("cpu")
+    ops = impl.ops
     torch.testing.assert_close(ops.sparse_decode(idx, val, cnt, W, bias),
                                reference.sparse_decode_raw(cidx, cval, full, W, bias))
     g = torch.randn(idx.shape[0], W.shape[1])
     torch.testing.assert_close(ops.sparse_gather_dot(g, idx, cnt, W),
                                reference.sparse_gather_dot(g, cidx, full, W) * keep)
-    torch.testing.assert_close(ops.sparse_scatter_rows(val, idx, cnt, g, S, True),
+    torch.testing.assert_close(ops.sparse_scatter_rows(val, idx, cnt, g, S),
                                reference.sparse_scatter_rows(cval, cidx, full, g, S))
 
 
@@ -579,7 +587,7 @@ def _cost() -> None:
     torch.manual_seed(0)
     n, k, s, d = 4096, 64, 16384, 256
     idx = torch.stack([torch.randperm(s)[:k] for _ in range(n)])
-    acts = sae_fast.SparseActs(idx, torch.rand(n, k), torch.full((n,), k, dtype=torch.int32), s)
+    acts = sae_fast.SparseActs(idx, torch.rand(n, k), torch.full((n, ), k, dtype=torch.int32), s)
     W, b = torch.randn(s, d), torch.randn(d)
     for backend in ("cpu", "torch"):
         if backends.unavailable_reason(backend, "cpu"):

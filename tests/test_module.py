@@ -3,10 +3,16 @@ import torch
 
 import sae_fast
 from sae_fast import JumpReLUSAE, SparseActs, reference
+from sae_fast._ext import extension_error, load_extension
 
-from helpers import DTYPES, EXACT_BANDWIDTH, assert_close_as_dense, exact_pre_case, make_params
+from helpers import (ALL, DTYPES, EXACT_BANDWIDTH, IMPLEMENTATIONS, assert_close_as_dense, exact_pre_case, impls,
+                     make_params)
 
-BACKENDS_HERE = [b for b in ("torch", "cpu") if sae_fast.backends.unavailable_reason(b, "cpu") is None]
+# The module on CPU tensors with ordinary random weights, where encode must give the reference's
+# bits: the backends that form pre as the reference does (the fused Triton GEMM does not; every
+# backend's module paths on exact inputs: test_module_paths_on_exact_inputs).
+MODULE_IMPLS = impls(device="cpu", where=lambda i: i.selectable and i.name != "triton")
+SELECTABLE = impls(where=lambda i: i.selectable)
 
 
 def make_sae(d_in=24, d_sae=50, dtype=torch.float32, backend="torch", **kw):
@@ -20,7 +26,7 @@ def make_sae(d_in=24, d_sae=50, dtype=torch.float32, backend="torch", **kw):
 def test_parameters_have_gemma_scope_names_and_shapes():
     sae = JumpReLUSAE(16, 40)
     shapes = {n: tuple(p.shape) for n, p in sae.named_parameters()}
-    assert shapes == {"W_enc": (16, 40), "b_enc": (40,), "threshold": (40,), "W_dec": (40, 16), "b_dec": (16,)}
+    assert shapes == {"W_enc": (16, 40), "b_enc": (40, ), "threshold": (40, ), "W_dec": (40, 16), "b_dec": (16, )}
     assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(40))
     assert torch.equal(sae.W_enc, sae.W_dec.T)
     assert torch.all(sae.threshold == 0.001)
@@ -35,10 +41,10 @@ def test_threshold_stays_float32():
     assert sae.threshold[0].item() == pytest.approx(0.0012345, rel=1e-7)  # no lossy round trip
 
 
-@pytest.mark.parametrize("backend", BACKENDS_HERE)
+@pytest.mark.parametrize("impl", MODULE_IMPLS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_encode_decode_forward(backend, dtype):
-    sae = make_sae(dtype=dtype, backend=backend)
+def test_encode_decode_forward(impl, dtype):
+    sae = make_sae(dtype=dtype, backend=impl.name)
     x = torch.randn(3, 5, 24).to(dtype)
     acts = sae.encode(x)
     assert acts.shape == (3, 5, 50)
@@ -55,12 +61,12 @@ def test_encode_decode_forward(backend, dtype):
     assert sae(x).shape == x.shape
 
 
-@pytest.mark.parametrize("backend", BACKENDS_HERE)
+@pytest.mark.parametrize("impl", MODULE_IMPLS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_training_forward_matches_reference(backend, dtype):
+def test_training_forward_matches_reference(impl, dtype):
     # exact-pre inputs: every dtype sees the float64 active set and band (see helpers)
     x, p = exact_pre_case(37, 24, 50, dtype)
-    sae = JumpReLUSAE(24, 50, dtype=dtype, backend=backend)
+    sae = JumpReLUSAE(24, 50, dtype=dtype, backend=impl.name)
     with torch.no_grad():
         for k, v in p.items():
             getattr(sae, k).copy_(v)
@@ -86,9 +92,27 @@ def test_training_forward_matches_reference(backend, dtype):
     assert got["threshold"].abs().sum() > 0  # the band is not empty in this case
 
 
+def test_extension_is_built_and_every_backend_is_here():
+    # CI installs with --no-build-isolation, so the extension must be there.
+    assert load_extension() is not None, extension_error()
+    assert sae_fast.backends.resolve("auto", "cpu") == "cpu"
+    here = {(name, device.type) for name, device in IMPLEMENTATIONS}
+    assert {("torch", "cpu"), ("cpu", "cpu")} <= here
+    if torch.cuda.is_available():
+        # a GPU is here: sae_fast._C must carry the CUDA kernels, and Triton runs on it
+        assert ("cuda", "cuda") in here, sae_fast.backends.unavailable_reason("cuda", "cuda")
+        assert ("triton", "cuda") in here, sae_fast.backends.unavailable_reason("triton", "cuda")
+    else:
+        # the Triton kernels through the interpreter (tests/conftest.py sets TRITON_INTERPRET=1)
+        assert ("triton", "cpu") in here, sae_fast.backends.unavailable_reason("triton", "cpu")
+        from cuda_emu import harness
+
+        assert (("cuda-emu", "cpu") in here) == (harness.available() is None)
+
+
 def test_backend_selection_and_env(monkeypatch):
     sae = JumpReLUSAE(8, 16)
-    expect = "cpu" if "cpu" in BACKENDS_HERE else "torch"
+    expect = "cpu" if any(i.name == "cpu" for i in ALL) else "torch"
     assert sae.resolved_backend() == expect
     monkeypatch.setenv("SAE_FAST_BACKEND", "torch")
     assert sae.resolved_backend() == "torch"
@@ -114,3 +138,58 @@ def test_one_token_and_zero_tokens():
     assert sae.encode(empty).shape == (0, 50) and sae(empty).shape == (0, 24)
     out = sae.training_forward(empty, l0_coefficient=1.0)
     assert out.loss.item() == 0.0
+
+
+def _exact_sae(impl, dtype, p, d_in, d_sae):
+    sae = JumpReLUSAE(d_in, d_sae, dtype=dtype, device=impl.device, backend=impl.name)
+    with torch.no_grad():
+        for k, v in p.items():
+            getattr(sae, k).copy_(v)
+    return sae
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("impl", SELECTABLE)
+def test_module_paths_on_exact_inputs(impl, dtype):
+    x, p = exact_pre_case(11, 13, 37, dtype)
+    sae = _exact_sae(impl, dtype, p, 13, 37)
+    xd = impl.to(x)
+    want = reference.jumprelu_encode(x, p["W_enc"], p["b_enc"], p["threshold"])
+    assert torch.equal(sae.encode(xd).cpu(), want)
+    assert torch.equal(sae.encode_sparse(xd).to_dense().cpu(), want)
+    truth = want.double() @ p["W_dec"].double() + p["b_dec"].double()
+    with torch.no_grad():
+        assert_close_as_dense(sae(xd).cpu(), truth, want @ p["W_dec"] + p["b_dec"], what="forward")
+
+
+@pytest.mark.parametrize("impl", SELECTABLE)
+def test_torch_compile(impl):
+    x, p = exact_pre_case(8, 12, 40, torch.float32)
+    sae = _exact_sae(impl, torch.float32, p, 12, 40)
+    x = impl.to(x)
+    compiled = torch.compile(sae)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), sae(x))
+    torch.testing.assert_close(torch.compile(sae.decode, fullgraph=False)(sae.encode_sparse(x)), sae(x))
+    loss = torch.compile(lambda t: sae.training_forward(t, l0_coefficient=0.1, bandwidth=EXACT_BANDWIDTH).loss)(x)
+    loss.backward()
+    ref = sae.training_forward(x, l0_coefficient=0.1, bandwidth=EXACT_BANDWIDTH).loss
+    torch.testing.assert_close(loss, ref)
+    assert sae.threshold.grad is not None and sae.W_enc.grad is not None
+
+
+@pytest.mark.parametrize("impl", impls(where=lambda i: i.selectable and i.name != "torch"))
+def test_forward_with_autograd_keeps_every_gradient(impl):
+    # A fused encoder has no autograd of its own: under grad the module must run a path that
+    # gives W_enc and b_enc their gradients, never drop them.
+    x, p = exact_pre_case(7, 10, 30, torch.float32)
+    sae = _exact_sae(impl, torch.float32, p, 10, 30)
+    sae(impl.to(x)).pow(2).sum().backward()
+    ref = _exact_sae(next(i for i in ALL if i.name == "torch"), torch.float32, p, 10, 30)
+    ref(x).pow(2).sum().backward()
+    for (n, a), b in zip(sae.named_parameters(), ref.parameters()):
+        if b.grad is None:
+            assert a.grad is None or not a.grad.any(), n
+        else:
+            torch.testing.assert_close(a.grad.cpu(), b.grad, msg=n)
+    assert sae.W_enc.grad.abs().sum() > 0

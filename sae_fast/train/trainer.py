@@ -9,10 +9,10 @@ import time
 
 import torch
 
+from ..dtypes import DTYPES
 from ..modules import JumpReLUSAE
+from ..step import remove_parallel_component
 from .config import RESUME_KEYS, TrainConfig
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class CheckpointError(ValueError):
@@ -43,13 +43,13 @@ class ActivationBuffer:
             c = self.source.next_chunk().to(self.device, torch.bfloat16)
             chunks.append(c)
             have += c.shape[0]
-        data = torch.cat(chunks)[: max(self.size, self.batch)]
+        data = torch.cat(chunks)[:max(self.size, self.batch)]
         self.data = data[torch.randperm(data.shape[0], generator=self.gen).to(self.device)]
 
     def next(self) -> torch.Tensor:
         if self.data.shape[0] < max(self.size // 2, self.batch):
             self._refill()
-        out, self.data = self.data[: self.batch], self.data[self.batch :]
+        out, self.data = self.data[:self.batch], self.data[self.batch:]
         return out
 
     def peek(self) -> torch.Tensor:
@@ -77,18 +77,16 @@ def l0_coefficient_at(step: int, cfg: TrainConfig) -> float:
     return cfg.l0_coefficient * min(1.0, (step + 1) / max(cfg.l0_warmup_steps, 1))
 
 
-def dense_step(sae: JumpReLUSAE, opt, x, *, l0_coefficient: float, bandwidth: float, decoder_unit_norm: bool = True,
-               grad_clip: float = 0.0):
-    """One training step of the autograd kind: full-size .grad tensors and any
-    torch optimizer (torch.optim.Adam in `sae-fast train --optimizer adam`)."""
+def autograd_step(sae: JumpReLUSAE, opt, x, *, l0_coefficient: float, bandwidth: float, decoder_unit_norm: bool = True,
+                  grad_clip: float = 0.0):
+    """One training step through autograd: full-size .grad tensors and any torch
+    optimizer (torch.optim.Adam in `sae-fast train --optimizer adam`)."""
     out = sae.training_forward(x, l0_coefficient=l0_coefficient, bandwidth=bandwidth)
     opt.zero_grad(set_to_none=True)
     out.loss.backward()
     with torch.no_grad():
         if decoder_unit_norm:
-            # remove the gradient component parallel to each (unit-norm) decoder row
-            W, G = sae.W_dec, sae.W_dec.grad
-            G -= (G * W).sum(-1, keepdim=True) * W
+            remove_parallel_component(sae.W_dec, None, sae.W_dec.grad)
         if grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(sae.parameters(), grad_clip)
     opt.step()
@@ -98,15 +96,14 @@ def dense_step(sae: JumpReLUSAE, opt, x, *, l0_coefficient: float, bandwidth: fl
     return out
 
 
-def lean_step(sae: JumpReLUSAE, opt, x, *, l0_coefficient: float, bandwidth: float, decoder_unit_norm: bool = True,
-              grad_clip: float = 0.0):
-    """One training step of the lean kind: no autograd graph, gradients for the touched
-    features only (RowGrads), the decoder's parallel-gradient removal and the clipping on
-    those rows, then the row-sparse optimizer (opt: SparseAdamB1Zero.for_sae(sae,
-    decoder_unit_norm=...), which renormalises the changed W_dec rows in the same pass).
+def row_grads_step(sae: JumpReLUSAE, opt, x, *, l0_coefficient: float, bandwidth: float, decoder_unit_norm: bool = True,
+                   grad_clip: float = 0.0):
+    """One row-grads training step (what `sae-fast train` runs by default): no autograd
+    graph, gradients for the touched features only (RowGrads), the decoder's
+    parallel-gradient removal and the clipping on those rows, then the row-sparse optimizer
+    (opt: SparseAdamB1Zero.for_sae(sae, decoder_unit_norm=...), which renormalises the
+    changed W_dec rows in the same pass).
     Nothing of size [d_sae, d_in] beyond the parameters and the optimizer state."""
-    from ..optim import remove_parallel_component
-
     out, grads = sae.training_row_grads(x, l0_coefficient=l0_coefficient, bandwidth=bandwidth)
     if decoder_unit_norm:
         remove_parallel_component(sae.W_dec, grads.rows, grads.W_dec)
@@ -118,11 +115,12 @@ def lean_step(sae: JumpReLUSAE, opt, x, *, l0_coefficient: float, bandwidth: flo
 
 
 class Trainer:
+
     def __init__(self, cfg: TrainConfig, source, d_in: int, *, device: torch.device | None = None, log=None):
         self.cfg = cfg.validate()
         self.device = device or pick_device(cfg.device)
         torch.manual_seed(cfg.seed)
-        self.sae = JumpReLUSAE(d_in, cfg.d_sae, dtype=_DTYPES[cfg.dtype], device=self.device, backend=cfg.backend,
+        self.sae = JumpReLUSAE(d_in, cfg.d_sae, dtype=DTYPES[cfg.dtype], device=self.device, backend=cfg.backend,
                                apply_b_dec_to_input=cfg.apply_b_dec_to_input)
         self.sae.reset_parameters(threshold_init=cfg.threshold_init)
         self.optimizer = cfg.resolved_optimizer
@@ -139,7 +137,7 @@ class Trainer:
         self.step = 0
         self.scale: float | None = None
         # step at which each feature last fired (-1: never), for the dead-feature count
-        self.last_fired = torch.full((cfg.d_sae,), -1, dtype=torch.int64, device=self.device)
+        self.last_fired = torch.full((cfg.d_sae, ), -1, dtype=torch.int64, device=self.device)
         self.log = log
         self.history: list[dict] = []
 
@@ -161,10 +159,9 @@ class Trainer:
         lr = lr_at(self.step, cfg)
         for g in self.opt.param_groups:
             g["lr"] = lr
-        if self.optimizer == "sparse-adam":
-            out = self._lean_step(x, lam)
-        else:
-            out = self._dense_step(x, lam)
+        run = row_grads_step if self.optimizer == "sparse-adam" else autograd_step
+        out = run(self.sae, self.opt, x, l0_coefficient=lam, bandwidth=cfg.bandwidth,
+                  decoder_unit_norm=cfg.decoder_unit_norm, grad_clip=cfg.grad_clip)
         with torch.no_grad():
             self.last_fired[out.fired] = self.step
             xf = x.float()
@@ -175,36 +172,29 @@ class Trainer:
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         self.step += 1
-        return {"step": self.step, "loss": out.loss.item(), "mse": out.mse_loss.item(),
-                "fvu": (out.mse_loss / var.clamp_min(1e-12)).item(), "l0": out.l0.item(),
-                "dead_frac": dead.item() if self.step >= window else float("nan"),
-                "l0_coefficient": lam, "lr": lr, "tokens_per_s": cfg.batch_size / dt}
-
-    def _dense_step(self, x, lam):
-        cfg = self.cfg
-        return dense_step(self.sae, self.opt, x, l0_coefficient=lam, bandwidth=cfg.bandwidth,
-                          decoder_unit_norm=cfg.decoder_unit_norm, grad_clip=cfg.grad_clip)
-
-    def _lean_step(self, x, lam):
-        cfg = self.cfg
-        return lean_step(self.sae, self.opt, x, l0_coefficient=lam, bandwidth=cfg.bandwidth,
-                         decoder_unit_norm=cfg.decoder_unit_norm, grad_clip=cfg.grad_clip)
+        return {
+            "step": self.step, "loss": out.loss.item(), "mse": out.mse_loss.item(),
+            "fvu": (out.mse_loss / var.clamp_min(1e-12)).item(), "l0": out.l0.item(),
+            "dead_frac": dead.item() if self.step >= window else float("nan"), "l0_coefficient": lam, "lr": lr,
+            "tokens_per_s": cfg.batch_size / dt
+        }
 
     # ------------------------------------------------------------ checkpoints
     def folded_sae(self) -> JumpReLUSAE:
         """A copy whose weights work on raw (unnormalised) activations, as Gemma Scope's do:
         x_n = s x, so W_enc' = s W_enc, W_dec' = W_dec / s, b_dec' = b_dec / s."""
         s = self.scale or 1.0
-        sae = JumpReLUSAE(self.sae.d_in, self.sae.d_sae, dtype=self.sae.dtype, device=self.device,
-                          backend=self.cfg.backend, apply_b_dec_to_input=self.cfg.apply_b_dec_to_input)
         with torch.no_grad():
-            sae.W_enc.copy_(self.sae.W_enc.float() * s)
-            sae.b_enc.copy_(self.sae.b_enc)
-            sae.threshold.copy_(self.sae.threshold)
-            sae.W_dec.copy_(self.sae.W_dec.float() / s)
-            sae.b_dec.copy_(self.sae.b_dec.float() / s)
-        sae.metadata = {"hook_layer": self.cfg.layer, "hook_name": f"layer{self.cfg.layer}.{self.cfg.site}",
-                        "model_name": self.cfg.model, "normalization_scale_folded": s}
+            folded = {
+                "W_enc": self.sae.W_enc.float() * s, "b_enc": self.sae.b_enc, "threshold": self.sae.threshold,
+                "W_dec": self.sae.W_dec.float() / s, "b_dec": self.sae.b_dec.float() / s
+            }
+        sae = JumpReLUSAE.from_params(folded, dtype=self.sae.dtype, device=self.device, backend=self.cfg.backend,
+                                      apply_b_dec_to_input=self.cfg.apply_b_dec_to_input)
+        sae.metadata = {
+            "hook_layer": self.cfg.layer, "hook_name": f"layer{self.cfg.layer}.{self.cfg.site}",
+            "model_name": self.cfg.model, "normalization_scale_folded": s
+        }
         return sae
 
     def save_checkpoint(self, path: str) -> str:
@@ -219,11 +209,12 @@ class Trainer:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
         self.folded_sae().save_pretrained(tmp)
-        torch.save({
-            "config": self.cfg.to_dict(), "step": self.step, "scale": self.scale,
-            "sae": self.sae.state_dict(), "optimizer": self.opt.state_dict(), "buffer": self.buffer.state_dict(),
-            "last_fired": self.last_fired.cpu(), "torch_rng": torch.get_rng_state(),
-        }, os.path.join(tmp, "trainer_state.pt"))
+        torch.save(
+            {
+                "config": self.cfg.to_dict(), "step": self.step, "scale": self.scale, "sae": self.sae.state_dict(),
+                "optimizer": self.opt.state_dict(), "buffer": self.buffer.state_dict(),
+                "last_fired": self.last_fired.cpu(), "torch_rng": torch.get_rng_state()
+            }, os.path.join(tmp, "trainer_state.pt"))
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
         return path
@@ -239,8 +230,10 @@ class Trainer:
         if not isinstance(st, dict) or not {"config", "step", "sae", "optimizer", "buffer"} <= set(st):
             raise CheckpointError(f"{f}: corrupt checkpoint (missing trainer state entries)")
         mine = self.cfg.to_dict()
-        diff = [f"{k}: checkpoint {st['config'].get(k)!r} vs this run {mine[k]!r}" for k in RESUME_KEYS
-                if st["config"].get(k) != mine[k]]
+        diff = [
+            f"{k}: checkpoint {st['config'].get(k)!r} vs this run {mine[k]!r}" for k in RESUME_KEYS
+            if st["config"].get(k) != mine[k]
+        ]
         if diff:
             raise CheckpointError(f"{f}: checkpoint does not match this run: " + "; ".join(diff))
         self.sae.load_state_dict(st["sae"])

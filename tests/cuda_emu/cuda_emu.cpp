@@ -84,8 +84,8 @@ std::string where() {
 
 std::string thread_name(const Thread& t) {
   char buf[96];
-  std::snprintf(buf, sizeof buf, "thread (%u, %u, %u) [warp %d lane %d]", t.idx.x, t.idx.y, t.idx.z,
-                t.linear / kWarp, t.linear % kWarp);
+  std::snprintf(buf, sizeof buf, "thread (%u, %u, %u) [warp %d lane %d]", t.idx.x, t.idx.y, t.idx.z, t.linear / kWarp,
+                t.linear % kWarp);
   return buf;
 }
 
@@ -184,7 +184,8 @@ bool try_warp(std::vector<Thread>& th, int warp0, int nlanes, Thread& lead) {
   for (int l = 0; l < kWarp; ++l) {
     if (!(w.mask >> l & 1u)) continue;
     if (l >= nlanes)
-      fail(w.file, w.line, "%s: mask 0x%08x names lane %d, which does not exist (the block has %d threads in this warp)",
+      fail(w.file, w.line,
+           "%s: mask 0x%08x names lane %d, which does not exist (the block has %d threads in this warp)",
            coll_name(w.coll), w.mask, l, nlanes);
     const Thread& o = th[warp0 + l];
     if (o.state == Thread::Done)
@@ -194,8 +195,7 @@ bool try_warp(std::vector<Thread>& th, int warp0, int nlanes, Thread& lead) {
     if (o.wait.kind == Wait::Barrier) return false;  // may be a deadlock; decided when nothing else moves
     if (!same_site(o.wait, w) || o.wait.mask != w.mask || o.wait.coll != w.coll)
       fail(w.file, w.line, "%s with mask 0x%08x at %s:%d: lane %d waits in %s with mask 0x%08x at %s:%d instead",
-           coll_name(w.coll), w.mask, w.file, w.line, l, coll_name(o.wait.coll), o.wait.mask, o.wait.file,
-           o.wait.line);
+           coll_name(w.coll), w.mask, w.file, w.line, l, coll_name(o.wait.coll), o.wait.mask, o.wait.file, o.wait.line);
   }
   uint64_t ballot = 0;
   int any = 0, all = 1;
@@ -249,9 +249,9 @@ bool resolve(Run& r) {
     if (t.state != Thread::Waiting || t.wait.kind != Wait::Barrier) continue;
     if (first == nullptr) first = &t;
     if (!same_site(t.wait, first->wait))
-      fail(t.wait.file, t.wait.line,
-           "divergent __syncthreads: %s waits at %s:%d while %s waits at %s:%d", thread_name(t).c_str(),
-           t.wait.file, t.wait.line, thread_name(*first).c_str(), first->wait.file, first->wait.line);
+      fail(t.wait.file, t.wait.line, "divergent __syncthreads: %s waits at %s:%d while %s waits at %s:%d",
+           thread_name(t).c_str(), t.wait.file, t.wait.line, thread_name(*first).c_str(), first->wait.file,
+           first->wait.line);
   }
   if (first == nullptr) return false;
   for (const Thread& t : th) {

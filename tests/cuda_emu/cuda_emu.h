@@ -59,7 +59,6 @@
 
 namespace cuda_emu {
 
-
 // The running launch, block and thread.
 dim3 block_dim();
 dim3 grid_dim();
@@ -74,8 +73,7 @@ enum class Collective : int { Sync = 0, ShflIdx, ShflUp, ShflDown, ShflXor, Ball
 
 // Deposits `bits` (the value, or the predicate) for this lane, waits for the
 // lanes of `mask`, and returns the collective's result for this lane.
-uint64_t warp_collective(const char* file, int line, Collective kind, unsigned mask, uint64_t bits, int arg,
-                         int width);
+uint64_t warp_collective(const char* file, int line, Collective kind, unsigned mask, uint64_t bits, int arg, int width);
 
 template <typename T>
 T shfl(const char* file, int line, Collective kind, unsigned mask, T v, int arg, int width = 32) {
@@ -172,27 +170,33 @@ T atomic_cas(T* p, T expected, T desired) {
   ::cuda_emu::shfl(__FILE__, __LINE__, ::cuda_emu::Collective::ShflDown, (mask), (v), __VA_ARGS__)
 #define __shfl_xor_sync(mask, v, ...) \
   ::cuda_emu::shfl(__FILE__, __LINE__, ::cuda_emu::Collective::ShflXor, (mask), (v), __VA_ARGS__)
-#define __ballot_sync(mask, pred)                                                                          \
-  static_cast<unsigned>(::cuda_emu::warp_collective(__FILE__, __LINE__, ::cuda_emu::Collective::Ballot, \
-                                                    (mask), (pred) ? 1u : 0u, 0, 32))
-#define __any_sync(mask, pred)                                                                             \
-  static_cast<int>(::cuda_emu::warp_collective(__FILE__, __LINE__, ::cuda_emu::Collective::Any, (mask), \
-                                               (pred) ? 1u : 0u, 0, 32))
-#define __all_sync(mask, pred)                                                                             \
-  static_cast<int>(::cuda_emu::warp_collective(__FILE__, __LINE__, ::cuda_emu::Collective::All, (mask), \
-                                               (pred) ? 1u : 0u, 0, 32))
+#define __ballot_sync(mask, pred)                                                                               \
+  static_cast<unsigned>(::cuda_emu::warp_collective(__FILE__, __LINE__, ::cuda_emu::Collective::Ballot, (mask), \
+                                                    (pred) ? 1u : 0u, 0, 32))
+#define __any_sync(mask, pred) \
+  static_cast<int>(            \
+      ::cuda_emu::warp_collective(__FILE__, __LINE__, ::cuda_emu::Collective::Any, (mask), (pred) ? 1u : 0u, 0, 32))
+#define __all_sync(mask, pred) \
+  static_cast<int>(            \
+      ::cuda_emu::warp_collective(__FILE__, __LINE__, ::cuda_emu::Collective::All, (mask), (pred) ? 1u : 0u, 0, 32))
 
 inline float atomicAdd(float* p, float v) { return ::cuda_emu::atomic_add(p, v); }
 inline double atomicAdd(double* p, double v) { return ::cuda_emu::atomic_add(p, v); }
 inline int atomicAdd(int* p, int v) { return ::cuda_emu::atomic_add(p, v); }
 inline unsigned atomicAdd(unsigned* p, unsigned v) { return ::cuda_emu::atomic_add(p, v); }
-inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) { return ::cuda_emu::atomic_add(p, v); }
+inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) {
+  return ::cuda_emu::atomic_add(p, v);
+}
 inline int atomicMax(int* p, int v) { return ::cuda_emu::atomic_max(p, v); }
 inline long long atomicMax(long long* p, long long v) { return ::cuda_emu::atomic_max(p, v); }
-inline unsigned long long atomicMax(unsigned long long* p, unsigned long long v) { return ::cuda_emu::atomic_max(p, v); }
+inline unsigned long long atomicMax(unsigned long long* p, unsigned long long v) {
+  return ::cuda_emu::atomic_max(p, v);
+}
 inline int atomicMin(int* p, int v) { return ::cuda_emu::atomic_min(p, v); }
 inline long long atomicMin(long long* p, long long v) { return ::cuda_emu::atomic_min(p, v); }
-inline unsigned long long atomicMin(unsigned long long* p, unsigned long long v) { return ::cuda_emu::atomic_min(p, v); }
+inline unsigned long long atomicMin(unsigned long long* p, unsigned long long v) {
+  return ::cuda_emu::atomic_min(p, v);
+}
 inline int atomicCAS(int* p, int e, int d) { return ::cuda_emu::atomic_cas(p, e, d); }
 inline unsigned atomicCAS(unsigned* p, unsigned e, unsigned d) { return ::cuda_emu::atomic_cas(p, e, d); }
 inline unsigned long long atomicCAS(unsigned long long* p, unsigned long long e, unsigned long long d) {
@@ -205,4 +209,6 @@ inline int __popcll(unsigned long long x) { return __builtin_popcountll(x); }
 inline int __ffs(int x) { return __builtin_ffs(x); }
 inline int __clz(int x) { return x == 0 ? 32 : __builtin_clz(static_cast<unsigned>(x)); }
 template <typename T>
-inline T __ldg(const T* p) { return *p; }
+inline T __ldg(const T* p) {
+  return *p;
+}

@@ -90,8 +90,7 @@ Case read_case(const char* path) {
       arr.offset = off;
       arr.base = static_cast<char*>(std::malloc(arr.offset + arr.nbytes + (arr.offset + arr.nbytes == 0)));
       arr.data = arr.base + arr.offset;
-      if (arr.nbytes && std::fread(arr.data, 1, arr.nbytes, f) != arr.nbytes)
-        throw std::runtime_error("short array");
+      if (arr.nbytes && std::fread(arr.data, 1, arr.nbytes, f) != arr.nbytes) throw std::runtime_error("short array");
       c.arrays[key] = arr;
       c.order.push_back(key);
     } else {
@@ -125,30 +124,21 @@ int run(Case& c, std::set<std::string>& outputs) {
   const std::string& op = c.op;
   if (op == "sparse_decode") {
     outputs = {"out"};
-    return sae_fast_kernels::sparse_decode(dt(c.i("w")), dt(c.i("out_dtype")), c.a<int64_t>("indices"),
-                                           c.a<void>("values"), c.a<int32_t>("counts"), c.a<void>("W"),
-                                           c.a<void>("bias"), c.a<void>("out"), c.i("N"), c.i("K"), c.i("S"),
-                                           c.i("D"), nullptr);
+    return sae_fast_kernels::sparse_decode(
+        dt(c.i("w")), dt(c.i("out_dtype")), c.a<int64_t>("indices"), c.a<void>("values"), c.a<int32_t>("counts"),
+        c.a<void>("W"), c.a<void>("bias"), c.a<void>("out"), c.i("N"), c.i("K"), c.i("S"), c.i("D"), nullptr);
   }
   if (op == "sparse_gather_dot") {
     outputs = {"out"};
-    return sae_fast_kernels::sparse_gather_dot(dt(c.i("w")), dt(c.i("g")), c.a<void>("grad"),
-                                               c.a<int64_t>("indices"), c.a<int32_t>("counts"), c.a<void>("W"),
-                                               c.a<void>("out"), c.i("N"), c.i("K"), c.i("S"), c.i("D"), nullptr);
+    return sae_fast_kernels::sparse_gather_dot(dt(c.i("w")), dt(c.i("g")), c.a<void>("grad"), c.a<int64_t>("indices"),
+                                               c.a<int32_t>("counts"), c.a<void>("W"), c.a<void>("out"), c.i("N"),
+                                               c.i("K"), c.i("S"), c.i("D"), nullptr);
   }
   if (op == "sparse_scatter_rows_segmented") {
     outputs = {"out"};
-    return sae_fast_kernels::sparse_scatter_rows_segmented(dt(c.i("t")), c.a<int64_t>("order"),
-                                                           c.a<int64_t>("start"), c.a<void>("coef"),
-                                                           c.a<void>("grad"), c.a<void>("out"), c.i("S"), c.i("N"),
-                                                           c.i("K"), c.i("D"), nullptr);
-  }
-  if (op == "sparse_scatter_rows_atomic") {
-    outputs = {"workspace"};
-    return sae_fast_kernels::sparse_scatter_rows_atomic(dt(c.i("t")), c.a<int64_t>("indices"),
-                                                        c.a<int32_t>("counts"), c.a<void>("coef"), c.a<void>("grad"),
-                                                        c.a<float>("workspace"), c.i("N"), c.i("K"), c.i("S"),
-                                                        c.i("D"), nullptr);
+    return sae_fast_kernels::sparse_scatter_rows_segmented(dt(c.i("t")), c.a<int64_t>("order"), c.a<int64_t>("start"),
+                                                           c.a<void>("coef"), c.a<void>("grad"), c.a<void>("out"),
+                                                           c.i("S"), c.i("N"), c.i("K"), c.i("D"), nullptr);
   }
   if (op == "adam_b1zero_rows") {
     outputs = {"param", "v", "last"};
@@ -170,8 +160,8 @@ int run(Case& c, std::set<std::string>& outputs) {
     outputs.insert(name);
     return arr.data;
   };
-  if (int err = 0; emu_driver::run_extra(c.op, c.ints, c.floats,
-                                         [&](const char* k) { return c.a<void>(k); }, alloc, outputs, err))
+  if (int err = 0;
+      emu_driver::run_extra(c.op, c.ints, c.floats, [&](const char* k) { return c.a<void>(k); }, alloc, outputs, err))
     return err;
   throw std::runtime_error("unknown op " + op);
 }

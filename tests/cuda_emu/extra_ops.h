@@ -16,8 +16,8 @@ using ArrayOf = std::function<void*(const char*)>;  // nullptr where the case ha
 using Alloc = std::function<void*(const char*, size_t, const std::string&)>;
 
 // Runs `op` if it is one of these; sets the arrays it may write and its cudaError_t.
-bool run_extra(const std::string& op, const Ints& ints, const Floats& floats, const ArrayOf& array,
-               const Alloc& alloc, std::set<std::string>& outputs, int& err);
+bool run_extra(const std::string& op, const Ints& ints, const Floats& floats, const ArrayOf& array, const Alloc& alloc,
+               std::set<std::string>& outputs, int& err);
 
 // The fused selection launcher (kernels/jumprelu_select.cuh), in select_ops.cpp.
 bool run_extra_select(const std::string& op, const Ints& ints, const Floats& floats, const ArrayOf& array,

@@ -29,12 +29,19 @@ HERE = os.path.join(ROOT, "tests", "cuda_emu")
 CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 FLAGS = [
-    "-std=c++20", "-O1", "-g", "-fno-omit-frame-pointer",
+    "-std=c++20",
+    "-O1",
+    "-g",
+    "-fno-omit-frame-pointer",
     # 16-byte vector loads are read back as bf16/fp16 through a reinterpret_cast
     # (kernels/sparse_ops.cu load_f): fine for nvcc, undefined for g++ without this
     "-fno-strict-aliasing",
-    "-fsanitize=address,undefined", "-fno-sanitize-recover=all",
-    "-Wall", "-Wextra", "-Werror", "-Wno-unknown-pragmas",
+    "-fsanitize=address,undefined",
+    "-fno-sanitize-recover=all",
+    "-Wall",
+    "-Wextra",
+    "-Werror",
+    "-Wno-unknown-pragmas"
 ]
 
 
@@ -52,21 +59,21 @@ def cuda_include() -> str:
 
 
 def sources() -> list[str]:
-    return (sorted(glob.glob(os.path.join(ROOT, "kernels", "*.cu")))
-            + sorted(glob.glob(os.path.join(HERE, "*.cu")))
-            + sorted(glob.glob(os.path.join(HERE, "*.cpp"))))
+    return (sorted(glob.glob(os.path.join(ROOT, "kernels", "*.cu"))) + sorted(glob.glob(os.path.join(HERE, "*.cu"))) +
+            sorted(glob.glob(os.path.join(HERE, "*.cpp"))))
 
 
 # The emulated library loaded into the test process (ctypes): the kernels, the
 # emulator and the C ABI, without sanitizers (ASan must be the first library of a
 # process; the driver runs every kernel under it).
-LIB_FLAGS = ["-std=c++20", "-O2", "-g", "-fPIC", "-fno-strict-aliasing", "-Wall", "-Wextra", "-Werror",
-             "-Wno-unknown-pragmas"]
+LIB_FLAGS = [
+    "-std=c++20", "-O2", "-g", "-fPIC", "-fno-strict-aliasing", "-Wall", "-Wextra", "-Werror", "-Wno-unknown-pragmas"
+]
 
 
 def library_sources() -> list[str]:
-    return (sorted(glob.glob(os.path.join(ROOT, "kernels", "*.cu")))
-            + [os.path.join(HERE, "cuda_emu.cpp"), os.path.join(HERE, "capi.cpp")])
+    return (sorted(glob.glob(os.path.join(ROOT, "kernels", "*.cu"))) +
+            [os.path.join(HERE, "cuda_emu.cpp"), os.path.join(HERE, "capi.cpp")])
 
 
 def available() -> str | None:
@@ -168,8 +175,8 @@ def _read(path, like):
                     dtype, shape = getattr(torch, rest[2]), [int(x) for x in rest[3:]]
                 else:
                     dtype, shape = like[key].dtype, like[key].shape
-                out[key] = (torch.frombuffer(bytearray(raw), dtype=dtype).reshape(shape).clone() if raw
-                            else torch.zeros(shape, dtype=dtype))
+                out[key] = (torch.frombuffer(bytearray(raw), dtype=dtype).reshape(shape).clone()
+                            if raw else torch.zeros(shape, dtype=dtype))
     return err, out
 
 
@@ -181,8 +188,7 @@ def run(op: str, ints: dict | None = None, floats: dict | None = None, arrays: d
     offsets: byte offsets of arrays from a 16-byte boundary (misaligned pointers)."""
     exe = build()
     arrays = {k: v for k, v in (arrays or {}).items() if v is not None}
-    env = dict(os.environ, CUDA_EMU_ORDER=order,
-               ASAN_OPTIONS="detect_leaks=0:abort_on_error=0:exitcode=86",
+    env = dict(os.environ, CUDA_EMU_ORDER=order, ASAN_OPTIONS="detect_leaks=0:abort_on_error=0:exitcode=86",
                UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:exitcode=87")
     if max_blocks is not None:
         env["CUDA_EMU_MAX_BLOCKS"] = str(max_blocks)

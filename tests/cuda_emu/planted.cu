@@ -86,8 +86,8 @@ __global__ void shared_overflow(float* out) {
 
 namespace emu_driver {
 
-bool run_extra(const std::string& op, const Ints& ints, const Floats& floats, const ArrayOf& array,
-               const Alloc& alloc, std::set<std::string>& outputs, int& err) {
+bool run_extra(const std::string& op, const Ints& ints, const Floats& floats, const ArrayOf& array, const Alloc& alloc,
+               std::set<std::string>& outputs, int& err) {
   auto out = static_cast<float*>(array("out"));
   auto in = static_cast<const float*>(array("in"));
   const int threads = ints.count("threads") ? static_cast<int>(ints.at("threads")) : 32;

@@ -1,5 +1,5 @@
 // The emulator driver's entry for sae_fast::jumprelu_select: the launch sequence
-// of csrc/jumprelu_select_cuda.cu (count, scan when a row has several pieces,
+// of csrc/cuda/jumprelu_select.cu (count, scan when a row has several pieces,
 // capacities from the counts, write), with the host's tensors as heap arrays.
 #include <algorithm>
 #include <cmath>
@@ -37,35 +37,35 @@ bool run_extra_select(const std::string& op, const Ints& ints, const Floats& flo
   if (ints.count("segments")) plan = SelectPlan{ints.at("segments"), ints.at("seg_len")};
   auto i32 = [&](const char* name, long long n) { return static_cast<int32_t*>(alloc(name, 4 * n, meta("int32", n))); };
   int32_t* a_cnt = i32("a_cnt", N);
-  int32_t* n_cnt = i32("n_cnt", N);
+  int32_t* band_cnt = i32("band_cnt", N);
   auto* steps = static_cast<int64_t*>(alloc("steps", 8 * N, meta("int64", N)));
-  int32_t *a_base = nullptr, *n_base = nullptr;
+  int32_t *a_base = nullptr, *band_base = nullptr;
   if (plan.segments == 1) {
-    err = jumprelu_select_count(kt, pre, thr, N, C, plan, hb, band, a_cnt, n_cnt, steps, nullptr);
+    err = jumprelu_select_count(kt, pre, thr, N, C, plan, hb, band, a_cnt, band_cnt, steps, nullptr);
   } else {
     const long long segs = N * plan.segments;
     a_base = i32("a_base", segs);
-    n_base = i32("n_base", segs);
+    band_base = i32("band_base", segs);
     auto* seg_s = static_cast<int64_t*>(alloc("seg_s", 8 * segs, meta("int64", segs)));
-    err = jumprelu_select_count(kt, pre, thr, N, C, plan, hb, band, a_base, n_base, seg_s, nullptr);
-    if (err == 0) err = jumprelu_select_scan(N, plan, a_base, n_base, seg_s, a_cnt, n_cnt, steps, nullptr);
+    err = jumprelu_select_count(kt, pre, thr, N, C, plan, hb, band, a_base, band_base, seg_s, nullptr);
+    if (err == 0) err = jumprelu_select_scan(N, plan, a_base, band_base, seg_s, a_cnt, band_cnt, steps, nullptr);
   }
   if (err != 0) return true;
-  long long cap_a = 0, cap_n = 0;
+  long long cap_a = 0, cap_band = 0;
   for (long long b = 0; b < N; ++b) {
     cap_a = std::max<long long>(cap_a, a_cnt[b]);
-    if (band) cap_n = std::max<long long>(cap_n, n_cnt[b]);
+    if (band) cap_band = std::max<long long>(cap_band, band_cnt[b]);
   }
   const size_t esz = t == 0 ? 4 : 2;
   auto* a_idx = static_cast<int64_t*>(alloc("a_idx", 8 * N * cap_a, meta("int64", N, cap_a)));
   void* a_val = alloc("a_val", esz * N * cap_a, meta(dtype_name(t), N, cap_a));
-  auto* n_idx = static_cast<int64_t*>(alloc("n_idx", 8 * N * cap_n, meta("int64", N, cap_n)));
+  auto* band_idx = static_cast<int64_t*>(alloc("band_idx", 8 * N * cap_band, meta("int64", N, cap_band)));
   // poisoned, as the host's at::empty would hold anything: every slot must be written
   std::fill(a_idx, a_idx + N * cap_a, int64_t{-7});
   std::memset(a_val, 0xff, esz * N * cap_a);  // NaN in every float dtype
-  std::fill(n_idx, n_idx + N * cap_n, int64_t{-7});
-  err = jumprelu_select_write(kt, pre, thr, N, C, plan, hb, band, ints.at("col_offset"), a_cnt, n_cnt, a_base,
-                              n_base, a_idx, a_val, cap_a, n_idx, cap_n, nullptr);
+  std::fill(band_idx, band_idx + N * cap_band, int64_t{-7});
+  err = jumprelu_select_write(kt, pre, thr, N, C, plan, hb, band, ints.at("col_offset"), a_cnt, band_cnt, a_base,
+                              band_base, a_idx, a_val, cap_a, band_idx, cap_band, nullptr);
   return true;
 }
 

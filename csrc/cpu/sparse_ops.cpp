@@ -1,28 +1,7 @@
-// sae_fast._C: op schemas, input checks, dispatch, and the CPU (OpenMP) kernels.
-//
-// Three sparse primitives over a SparseActs-style layout (indices int64 [N, K],
-// per-row counts int32 [N], padding slots ignored):
-//
-//   sparse_decode(indices, values, counts, W[S, D], bias?, out_dtype?) -> out[N, D]
-//       out[b] = sum_{k < counts[b]} values[b, k] * W[indices[b, k]] (+ bias), fp32 accumulation,
-//       returned in W's dtype or, with out_dtype=float32, unrounded
-//   sparse_gather_dot(grad[N, D], indices, counts, W[S, D]) -> [N, K] in grad's dtype
-//       r[b, k] = <grad[b], W[indices[b, k]]> on valid slots, 0 on padding
-//       (grad has W's dtype, or float32 for unrounded results)
-//   sparse_scatter_rows(coef[N, K], indices, counts, grad[N, D], d_sae, deterministic) -> [S, D]
-//       G[j] = sum_{(b, k): indices[b, k] = j} coef[b, k] * grad[b]
-//
-// and the fused optimizer step (sae_fast.reference.adam_b1zero_rows_ is its definition):
-//
-//   adam_b1zero_rows_(param!, v!, last!, rows?, grad, step, lr, beta2, eps, sparse_dim?, renorm)
-//       Adam(beta1 = 0) on the touched rows only, with the lazy beta2^k decay of the
-//       steps a row sat out, and optional unit-norm renormalisation of each row
-//
-// The decoder backward is gather_dot (dvalues) + scatter_rows (dW_dec); the
-// encoder backward reuses them with x and W_encᵀ (dW_enc, dx).
-// Index arithmetic is int64 throughout: N * D and S * D exceed 2^31 at 2^20 latents.
-
-#include <Python.h>
+// CPU (OpenMP) kernels of sae_fast's sparse primitives and fused optimizer step,
+// and their registration for the CPU dispatch key. The schemas and the ops'
+// definitions are in csrc/ops.cpp; the input checks, shared with the CUDA
+// entries (csrc/cuda/sparse_ops.cu), in csrc/checks.h.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -41,7 +20,9 @@ namespace sae_fast {
 namespace {
 
 template <typename T>
-inline float tof(T v) { return static_cast<float>(v); }
+inline float tof(T v) {
+  return static_cast<float>(v);
+}
 
 // Sums run in double on the CPU: a d_in = 2304 dot product accumulated
 // sequentially in float32 loses ~4x more than torch's blocked float32 GEMM
@@ -73,8 +54,8 @@ inline bool in_range(int64_t j, int64_t S) { return j >= 0 && j < S; }
 // O is T, or float when the caller keeps the reconstruction unrounded (the
 // training step computes its float32 loss and gradient from it).
 template <typename T, typename O>
-void decode_cpu(const int64_t* idx, const T* val, const int32_t* cnt, const T* W, const T* bias, O* out,
-                int64_t N, int64_t K, int64_t S, int64_t D) {
+void decode_cpu(const int64_t* idx, const T* val, const int32_t* cnt, const T* W, const T* bias, O* out, int64_t N,
+                int64_t K, int64_t S, int64_t D) {
   at::parallel_for(0, N, 1, [&](int64_t b0, int64_t b1) {
     std::vector<double> acc(D);
     for (int64_t b = b0; b < b1; ++b) {
@@ -93,10 +74,10 @@ void decode_cpu(const int64_t* idx, const T* val, const int32_t* cnt, const T* W
 }
 
 // G is T, or float when the caller wants the dot products unrounded (the
-// threshold gradient sums them over the band; see sae_fast/sparse_train.py).
+// threshold gradient sums them over the band; see sae_fast/step/sparse.py).
 template <typename T, typename G>
-void gather_dot_cpu(const G* grad, const int64_t* idx, const int32_t* cnt, const T* W, G* out,
-                    int64_t N, int64_t K, int64_t S, int64_t D) {
+void gather_dot_cpu(const G* grad, const int64_t* idx, const int32_t* cnt, const T* W, G* out, int64_t N, int64_t K,
+                    int64_t S, int64_t D) {
   at::parallel_for(0, N, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const G* g = grad + b * D;
@@ -113,8 +94,8 @@ void gather_dot_cpu(const G* grad, const int64_t* idx, const int32_t* cnt, const
 // Deterministic segmented reduction: a counting sort groups the (b, k) entries
 // by feature in (b, k) order, then each feature row is summed in that order.
 template <typename T>
-void scatter_rows_cpu(const T* coef, const int64_t* idx, const int32_t* cnt, const T* grad, T* out,
-                      int64_t N, int64_t K, int64_t D, int64_t S) {
+void scatter_rows_cpu(const T* coef, const int64_t* idx, const int32_t* cnt, const T* grad, T* out, int64_t N,
+                      int64_t K, int64_t D, int64_t S) {
   std::vector<int64_t> start(S + 1, 0);
   for (int64_t b = 0; b < N; ++b)
     for (int64_t k = 0, c = clamp_count(cnt[b], K); k < c; ++k)
@@ -177,14 +158,23 @@ void adam_b1zero_rows_cpu_kernel(T* param, float* v, int64_t* last, const int64_
   });
 }
 
-#define SAE_FAST_DISPATCH_FLOAT(st, NAME, ...)                                   \
-  [&] {                                                                          \
-    switch (st) {                                                                \
-      case at::kFloat: { using scalar_t = float; return __VA_ARGS__(); }         \
-      case at::kBFloat16: { using scalar_t = c10::BFloat16; return __VA_ARGS__(); } \
-      case at::kHalf: { using scalar_t = c10::Half; return __VA_ARGS__(); }      \
-      default: TORCH_CHECK(false, NAME, ": unsupported dtype ", st);             \
-    }                                                                            \
+#define SAE_FAST_DISPATCH_FLOAT(st, NAME, ...)                       \
+  [&] {                                                              \
+    switch (st) {                                                    \
+      case at::kFloat: {                                             \
+        using scalar_t = float;                                      \
+        return __VA_ARGS__();                                        \
+      }                                                              \
+      case at::kBFloat16: {                                          \
+        using scalar_t = c10::BFloat16;                              \
+        return __VA_ARGS__();                                        \
+      }                                                              \
+      case at::kHalf: {                                              \
+        using scalar_t = c10::Half;                                  \
+        return __VA_ARGS__();                                        \
+      }                                                              \
+      default: TORCH_CHECK(false, NAME, ": unsupported dtype ", st); \
+    }                                                                \
   }()
 
 // ----------------------------------------------------------------- CPU entries
@@ -202,8 +192,8 @@ at::Tensor sparse_decode_cpu(const at::Tensor& indices, const at::Tensor& values
                                   W.data_ptr<scalar_t>(), bp, out.data_ptr<float>(), N, K, S, D);
     else
       decode_cpu<scalar_t, scalar_t>(indices.data_ptr<int64_t>(), values.data_ptr<scalar_t>(),
-                                     counts.data_ptr<int32_t>(), W.data_ptr<scalar_t>(), bp,
-                                     out.data_ptr<scalar_t>(), N, K, S, D);
+                                     counts.data_ptr<int32_t>(), W.data_ptr<scalar_t>(), bp, out.data_ptr<scalar_t>(),
+                                     N, K, S, D);
   });
   return out;
 }
@@ -221,15 +211,14 @@ at::Tensor sparse_gather_dot_cpu(const at::Tensor& grad, const at::Tensor& indic
                                       W.data_ptr<scalar_t>(), out.data_ptr<float>(), N, K, S, D);
     else
       gather_dot_cpu<scalar_t, scalar_t>(grad.data_ptr<scalar_t>(), indices.data_ptr<int64_t>(),
-                                         counts.data_ptr<int32_t>(), W.data_ptr<scalar_t>(),
-                                         out.data_ptr<scalar_t>(), N, K, S, D);
+                                         counts.data_ptr<int32_t>(), W.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+                                         N, K, S, D);
   });
   return out;
 }
 
 at::Tensor sparse_scatter_rows_cpu(const at::Tensor& coef, const at::Tensor& indices, const at::Tensor& counts,
-                                   const at::Tensor& grad, int64_t d_sae, bool deterministic) {
-  (void)deterministic;  // the CPU kernel is always deterministic
+                                   const at::Tensor& grad, int64_t d_sae) {
   const char* op = "sae_fast::sparse_scatter_rows";
   check_scatter_rows_args(coef, indices, counts, grad, d_sae);
   const int64_t N = indices.size(0), K = indices.size(1), D = grad.size(1);
@@ -260,30 +249,6 @@ void adam_b1zero_rows_cpu(const at::Tensor& param, const at::Tensor& v, const at
 
 }  // namespace
 
-#ifdef SAE_FAST_WITH_CUDA
-// Defined in csrc/sparse_ops_cuda.cu.
-at::Tensor sparse_decode_cuda(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                              const c10::optional<at::Tensor>&, c10::optional<at::ScalarType>);
-at::Tensor sparse_gather_dot_cuda(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&);
-at::Tensor sparse_scatter_rows_cuda(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                    int64_t, bool);
-void adam_b1zero_rows_cuda(const at::Tensor&, const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
-                           const at::Tensor&, int64_t, double, double, double, c10::optional<int64_t>, bool);
-#endif
-
-TORCH_LIBRARY(sae_fast, m) {
-  m.def(
-      "sparse_decode(Tensor indices, Tensor values, Tensor counts, Tensor W, Tensor? bias, "
-      "ScalarType? out_dtype=None) -> Tensor");
-  m.def("sparse_gather_dot(Tensor grad, Tensor indices, Tensor counts, Tensor W) -> Tensor");
-  m.def(
-      "sparse_scatter_rows(Tensor coef, Tensor indices, Tensor counts, Tensor grad, int d_sae, "
-      "bool deterministic=True) -> Tensor");
-  m.def(
-      "adam_b1zero_rows_(Tensor(a!) param, Tensor(b!) v, Tensor(c!) last, Tensor? rows, Tensor grad, int step, "
-      "float lr, float beta2, float eps, int? sparse_dim, bool renorm) -> ()");
-}
-
 TORCH_LIBRARY_IMPL(sae_fast, CPU, m) {
   m.impl("sparse_decode", &sparse_decode_cpu);
   m.impl("sparse_gather_dot", &sparse_gather_dot_cpu);
@@ -291,31 +256,4 @@ TORCH_LIBRARY_IMPL(sae_fast, CPU, m) {
   m.impl("adam_b1zero_rows_", &adam_b1zero_rows_cpu);
 }
 
-#ifdef SAE_FAST_WITH_CUDA
-TORCH_LIBRARY_IMPL(sae_fast, CUDA, m) {
-  m.impl("sparse_decode", &sparse_decode_cuda);
-  m.impl("sparse_gather_dot", &sparse_gather_dot_cuda);
-  m.impl("sparse_scatter_rows", &sparse_scatter_rows_cuda);
-  m.impl("adam_b1zero_rows_", &adam_b1zero_rows_cuda);
-}
-#endif
-
 }  // namespace sae_fast
-
-// A minimal Python module so `import sae_fast._C` loads the library (which
-// registers the ops above); pybind11 is not needed for that.
-static PyObject* has_cuda(PyObject*, PyObject*) {
-#ifdef SAE_FAST_WITH_CUDA
-  Py_RETURN_TRUE;
-#else
-  Py_RETURN_FALSE;
-#endif
-}
-
-static PyMethodDef methods[] = {
-    {"has_cuda", has_cuda, METH_NOARGS, "True when this build carries the CUDA kernels."},
-    {nullptr, nullptr, 0, nullptr}};
-
-static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "sae_fast compiled ops", -1, methods};
-
-PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&module_def); }

@@ -40,7 +40,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .sparse import segment_by_feature, valid_slots
+from ..dtypes import NAME_OF
+from ..sparse import segment_by_feature, valid_slots
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
@@ -74,14 +75,11 @@ def _rne_fix(dtype: torch.dtype) -> bool:
 
 # ------------------------------------------------------------------ encoder
 @triton.jit(do_not_specialize=["N_BUCKET"])
-def _jumprelu_encode_kernel(
-    x_ptr, w_ptr, b_ptr, thr_ptr,
-    a_idx_ptr, a_val_ptr, a_cnt_ptr, n_idx_ptr, n_cnt_ptr, h_cnt_ptr, dense_ptr,
-    N, D, S, SW, a_cap, n_cap, half_bw, N_BUCKET,
-    OUT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, RNE_FIX: tl.constexpr,
-    WRITE_DENSE: tl.constexpr, WRITE_BAND: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-):
+def _jumprelu_encode_kernel(x_ptr, w_ptr, b_ptr, thr_ptr, a_idx_ptr, a_val_ptr, a_cnt_ptr, band_idx_ptr, band_cnt_ptr,
+                            step_cnt_ptr, dense_ptr, N, D, S, SW, a_cap, band_cap, half_bw, N_BUCKET,
+                            OUT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                            RNE_FIX: tl.constexpr, WRITE_DENSE: tl.constexpr, WRITE_BAND: tl.constexpr,
+                            BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     # N_BUCKET: unused here, the autotune key (the token count's power of two).
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -106,7 +104,8 @@ def _jumprelu_encode_kernel(
         acc = tl.dot(xa, wb, acc, input_precision=PRECISION)
     # Round exactly as the dense reference does: (x @ W) to the dtype, then + b_enc in the dtype.
     bias = tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
-    pre = _cast_out(_cast_out(acc, OUT_DTYPE, RNE_FIX).to(tl.float32) + bias[None, :], OUT_DTYPE, RNE_FIX).to(tl.float32)
+    pre = _cast_out(_cast_out(acc, OUT_DTYPE, RNE_FIX).to(tl.float32) + bias[None, :], OUT_DTYPE,
+                    RNE_FIX).to(tl.float32)
     thr = tl.load(thr_ptr + rn, mask=n_ok, other=0.0)
     ok = m_ok[:, None] & n_ok[None, :]
     above = (pre > thr[None, :]) & ok
@@ -128,7 +127,7 @@ def _jumprelu_encode_kernel(
             word = word | ((tl.abs(pre - thr[None, :]) < half_bw) & ok).to(tl.int32) * 2
             # the above-threshold count now: `above` is dead before the stores
             h = tl.sum(above.to(tl.int32), axis=1)
-            tl.atomic_add(h_cnt_ptr + rm, h, mask=m_ok & (h > 0), sem="relaxed")
+            tl.atomic_add(step_cnt_ptr + rm, h, mask=m_ok & (h > 0), sem="relaxed")
         val = pre.to(OUT_DTYPE)  # exact: pre is rounded
         if OUT_DTYPE.primitive_bitwidth == 16:
             word = word | (val.to(tl.int16, bitcast=True).to(tl.int32) << 16)
@@ -137,14 +136,14 @@ def _jumprelu_encode_kernel(
         w_e, w_o = tl.split(tl.reshape(word, (BM, BN // 2, 2)))
         v_e, v_o = tl.split(tl.reshape(val, (BM, BN // 2, 2)))
         cols = pid_n * BN + 2 * tl.arange(0, BN // 2)
-        _store_half(w_e, v_e, cols, rm, rm64, a_idx_ptr, a_val_ptr, a_cnt_ptr, n_idx_ptr, n_cnt_ptr, a_cap, n_cap,
-                    OUT_DTYPE, WRITE_BAND, BM, BN // 2)
-        _store_half(w_o, v_o, cols + 1, rm, rm64, a_idx_ptr, a_val_ptr, a_cnt_ptr, n_idx_ptr, n_cnt_ptr, a_cap, n_cap,
-                    OUT_DTYPE, WRITE_BAND, BM, BN // 2)
+        _store_half(w_e, v_e, cols, rm, rm64, a_idx_ptr, a_val_ptr, a_cnt_ptr, band_idx_ptr, band_cnt_ptr, a_cap,
+                    band_cap, OUT_DTYPE, WRITE_BAND, BM, BN // 2)
+        _store_half(w_o, v_o, cols + 1, rm, rm64, a_idx_ptr, a_val_ptr, a_cnt_ptr, band_idx_ptr, band_cnt_ptr, a_cap,
+                    band_cap, OUT_DTYPE, WRITE_BAND, BM, BN // 2)
 
 
 @triton.jit
-def _store_half(word, val, cols, rm, rm64, a_idx_ptr, a_val_ptr, a_cnt_ptr, n_idx_ptr, n_cnt_ptr, a_cap, n_cap,
+def _store_half(word, val, cols, rm, rm64, a_idx_ptr, a_val_ptr, a_cnt_ptr, band_idx_ptr, band_cnt_ptr, a_cap, band_cap,
                 OUT_DTYPE: tl.constexpr, WRITE_BAND: tl.constexpr, BM: tl.constexpr, H: tl.constexpr):
     # the first and second half of these H columns (again held by the same thread)
     w_lo, w_hi = tl.split(tl.permute(tl.reshape(word, (BM, 2, H // 2)), (0, 2, 1)))
@@ -157,15 +156,15 @@ def _store_half(word, val, cols, rm, rm64, a_idx_ptr, a_val_ptr, a_cnt_ptr, n_id
     # Transposed ([columns, rows]): the blocked layout puts the threads along the
     # last dimension, the row, so a thread's elements share a row (its counter and
     # int64 row offset) instead of each bringing its own.
-    _claim_and_store(tl.trans(w_lo), tl.trans(v_lo), c_lo, rm, rm64, a_idx_ptr, a_val_ptr, a_cnt_ptr, n_idx_ptr,
-                     n_cnt_ptr, a_cap, n_cap, OUT_DTYPE, WRITE_BAND)
-    _claim_and_store(tl.trans(w_hi), tl.trans(v_hi), c_hi, rm, rm64, a_idx_ptr, a_val_ptr, a_cnt_ptr, n_idx_ptr,
-                     n_cnt_ptr, a_cap, n_cap, OUT_DTYPE, WRITE_BAND)
+    _claim_and_store(tl.trans(w_lo), tl.trans(v_lo), c_lo, rm, rm64, a_idx_ptr, a_val_ptr, a_cnt_ptr, band_idx_ptr,
+                     band_cnt_ptr, a_cap, band_cap, OUT_DTYPE, WRITE_BAND)
+    _claim_and_store(tl.trans(w_hi), tl.trans(v_hi), c_hi, rm, rm64, a_idx_ptr, a_val_ptr, a_cnt_ptr, band_idx_ptr,
+                     band_cnt_ptr, a_cap, band_cap, OUT_DTYPE, WRITE_BAND)
 
 
 @triton.jit
-def _claim_and_store(word, val, cols, rm, rm64, a_idx_ptr, a_val_ptr, a_cnt_ptr, n_idx_ptr, n_cnt_ptr, a_cap, n_cap,
-                     OUT_DTYPE: tl.constexpr, WRITE_BAND: tl.constexpr):
+def _claim_and_store(word, val, cols, rm, rm64, a_idx_ptr, a_val_ptr, a_cnt_ptr, band_idx_ptr, band_cnt_ptr, a_cap,
+                     band_cap, OUT_DTYPE: tl.constexpr, WRITE_BAND: tl.constexpr):
     # word, val: [columns, rows]. Each active (band) element claims its slot with one
     # atomic increment of its row's counter, right where it is stored: no prefix sum
     # over the tile (a tt.scan only runs in a blocked layout; with int64 index tiles
@@ -187,8 +186,9 @@ def _claim_and_store(word, val, cols, rm, rm64, a_idx_ptr, a_val_ptr, a_cnt_ptr,
     tl.store(a_val_ptr + a_off, val, mask=a_st)
     if WRITE_BAND:
         band = (word & 2) != 0
-        n_slot = tl.atomic_add(n_cnt_ptr + tl.where(band, rm[None, :], 0), 1, mask=band, sem="relaxed")
-        tl.store(n_idx_ptr + (rm64 * n_cap)[None, :] + n_slot, cols[:, None], mask=band & (n_slot < n_cap))
+        band_slot = tl.atomic_add(band_cnt_ptr + tl.where(band, rm[None, :], 0), 1, mask=band, sem="relaxed")
+        tl.store(band_idx_ptr + (rm64 * band_cap)[None, :] + band_slot, cols[:, None],
+                 mask=band & (band_slot < band_cap))
 
 
 # Tiles (BM, BN, BK, num_warps, num_stages) by architecture, operand kind and
@@ -210,33 +210,43 @@ def _claim_and_store(word, val, cols, rm, rm64, a_idx_ptr, a_val_ptr, a_cnt_ptr,
 # band) and 64x64x64 unaligned (255 registers, occupancy 12.5%).
 _ENCODE_SPACE = {
     (90, "mma", True): [
-        (128, 128, 64, 16, 3),   # 80-113 regs, occupancy 25% (one block of 16 warps)
-        (128, 128, 64, 16, 4),   # 80-113 regs, 25%
-        (64, 128, 64, 8, 4),     # 92-129 regs, 12.5-25%
-        (128, 64, 64, 8, 4),     # 84-138 regs, 12.5-25%
-        (64, 64, 64, 4, 3),      # 100-142 regs, 18.75-25%: small batches
+        (128, 128, 64, 16, 3),  # 80-113 regs, occupancy 25% (one block of 16 warps)
+        (128, 128, 64, 16, 4),  # 80-113 regs, 25%
+        (64, 128, 64, 8, 4),  # 92-129 regs, 12.5-25%
+        (128, 64, 64, 8, 4),  # 84-138 regs, 12.5-25%
+        (64, 64, 64, 4, 3)  # 100-142 regs, 18.75-25%: small batches
     ],
     (80, "mma", True): [
-        (128, 128, 64, 16, 3),   # 124-128 regs, 25%
-        (128, 64, 64, 8, 3),     # 127-128 regs, 25%
-        (64, 128, 32, 8, 3),     # 102-126 regs, 25%
-        (64, 64, 64, 4, 3),      # 128 regs, 25%
+        (128, 128, 64, 16, 3),  # 124-128 regs, 25%
+        (128, 64, 64, 8, 3),  # 127-128 regs, 25%
+        (64, 128, 32, 8, 3),  # 102-126 regs, 25%
+        (64, 64, 64, 4, 3)  # 128 regs, 25%
     ],
-    (90, "tf32", True): [(64, 128, 32, 8, 3),    # 94-138 regs, 12.5-25%
-                         (64, 64, 32, 4, 3)],    # 92-158 regs, 18.75-25%
-    (80, "tf32", True): [(64, 128, 32, 8, 3),    # 108-124 regs, 25%
-                         (64, 64, 32, 4, 3)],    # 110-128 regs, 25%
-    (90, "fma", True): [(64, 64, 32, 8, 3),      # 80 regs, 37.5%
-                        (32, 64, 32, 4, 3)],     # 72-80 regs, 37.5-43.75%
-    (80, "fma", True): [(32, 64, 32, 4, 3),      # 70-80 regs, 37.5% (64x64x32 at 8 warps: 207)
-                        (64, 64, 16, 4, 3)],     # 133-144 regs, 18.75%
-    (90, "mma", False): [(64, 128, 32, 8, 3),    # 113-128 regs, 25%
-                         (64, 64, 64, 4, 3)],    # 168 regs, 18.75%
-    (80, "mma", False): [(64, 128, 32, 8, 3)],   # 122-128 regs, 25%
-    (90, "tf32", False): [(64, 64, 32, 4, 3)],   # 142-168 regs, 18.75%
-    (80, "tf32", False): [(64, 64, 32, 4, 3)],   # 148-152 regs, 18.75%
-    (90, "fma", False): [(32, 64, 32, 4, 3)],    # 112-116 regs, 25%
-    (80, "fma", False): [(32, 64, 32, 4, 3)],    # 80-96 regs, 31.25-37.5%
+    (90, "tf32", True): [
+        (64, 128, 32, 8, 3),  # 94-138 regs, 12.5-25%
+        (64, 64, 32, 4, 3)
+    ],  # 92-158 regs, 18.75-25%
+    (80, "tf32", True): [
+        (64, 128, 32, 8, 3),  # 108-124 regs, 25%
+        (64, 64, 32, 4, 3)
+    ],  # 110-128 regs, 25%
+    (90, "fma", True): [
+        (64, 64, 32, 8, 3),  # 80 regs, 37.5%
+        (32, 64, 32, 4, 3)
+    ],  # 72-80 regs, 37.5-43.75%
+    (80, "fma", True): [
+        (32, 64, 32, 4, 3),  # 70-80 regs, 37.5% (64x64x32 at 8 warps: 207)
+        (64, 64, 16, 4, 3)
+    ],  # 133-144 regs, 18.75%
+    (90, "mma", False): [
+        (64, 128, 32, 8, 3),  # 113-128 regs, 25%
+        (64, 64, 64, 4, 3)
+    ],  # 168 regs, 18.75%
+    (80, "mma", False): [(64, 128, 32, 8, 3)],  # 122-128 regs, 25%
+    (90, "tf32", False): [(64, 64, 32, 4, 3)],  # 142-168 regs, 18.75%
+    (80, "tf32", False): [(64, 64, 32, 4, 3)],  # 148-152 regs, 18.75%
+    (90, "fma", False): [(32, 64, 32, 4, 3)],  # 112-116 regs, 25%
+    (80, "fma", False): [(32, 64, 32, 4, 3)]  # 80-96 regs, 31.25-37.5%
 }
 _INTERPRET_TILE = (16, 32, 32, 4, 1)  # the interpreter runs numpy per program: big tiles, few programs
 
@@ -284,11 +294,12 @@ def _encode_tuner(space: tuple):
     # (reset_to_zero), and so does the real launch after it, so the outputs are those
     # of one launch. Outputs are only ever written below capacity.
     if space not in _TUNERS:
-        configs = [triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=s) for bm, bn, bk, w, s in space]
-        _TUNERS[space] = triton.autotune(
-            configs, key=["N_BUCKET", "D", "S", "WRITE_DENSE", "WRITE_BAND", "PRECISION"],
-            reset_to_zero=["a_cnt_ptr", "n_cnt_ptr", "h_cnt_ptr"],
-        )(_jumprelu_encode_kernel)
+        configs = [
+            triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=s) for bm, bn, bk, w, s in space
+        ]
+        _TUNERS[space] = triton.autotune(configs, key=["N_BUCKET", "D", "S", "WRITE_DENSE", "WRITE_BAND", "PRECISION"],
+                                         reset_to_zero=["a_cnt_ptr", "band_cnt_ptr",
+                                                        "step_cnt_ptr"])(_jumprelu_encode_kernel)
     return _TUNERS[space]
 
 
@@ -319,17 +330,18 @@ def _run_encode(args, n, s, dtype, **const):
         aligned = _aligned((x, W), (args[12], args[14]))  # D, SW
         space = _encode_space(x.device, dtype, precision, aligned)
     if _autotune() and len(space) > 1:
+
         def grid(meta):
             return (triton.cdiv(n, meta["BM"]), triton.cdiv(s, meta["BN"]))
 
         _encode_tuner(tuple(space))[grid](*args, **const)
         return
     bm, bn, bk, w, st = space[0]
-    _jumprelu_encode_kernel[(triton.cdiv(n, bm), triton.cdiv(s, bn))](
-        *args, BM=bm, BN=bn, BK=bk, num_warps=w, num_stages=st, **const)
+    _jumprelu_encode_kernel[(triton.cdiv(n, bm), triton.cdiv(s, bn))](*args, BM=bm, BN=bn, BK=bk, num_warps=w,
+                                                                      num_stages=st, **const)
 
 
-def _launch_encode(x, W_enc, b_enc, threshold, *, dense, a_cap=0, n_cap=0, half_bw=0.0, band=False, out=None):
+def _launch_encode(x, W_enc, b_enc, threshold, *, dense, a_cap=0, band_cap=0, half_bw=0.0, band=False, out=None):
     # W_enc may be a column slice W[:, c0:c1] of a wider matrix (row stride SW > s):
     # a chunk of features, encoded without copying it out.
     n, d = x.shape
@@ -342,21 +354,20 @@ def _launch_encode(x, W_enc, b_enc, threshold, *, dense, a_cap=0, n_cap=0, half_
     if dense:
         acts = out if out is not None else torch.empty(n, s, dtype=x.dtype, device=dev)
         if n and s:
-            _run_encode((x, W_enc, b_enc, threshold, acts, acts, acts, acts, acts, acts, acts,
-                         n, d, s, sw, 0, 0, 0.0, n_bucket), n, s, x.dtype, WRITE_DENSE=True, WRITE_BAND=False)
+            _run_encode((x, W_enc, b_enc, threshold, acts, acts, acts, acts, acts, acts, acts, n, d, s, sw, 0, 0, 0.0,
+                         n_bucket), n, s, x.dtype, WRITE_DENSE=True, WRITE_BAND=False)
         return acts
     o = out or {}
     a_idx = o.get("a_idx", torch.empty(n, a_cap, dtype=torch.int64, device=dev))
     a_val = o.get("a_val", torch.empty(n, a_cap, dtype=x.dtype, device=dev))
     a_cnt = torch.zeros(n, dtype=torch.int32, device=dev)
-    n_idx = o.get("n_idx", torch.empty(n, n_cap, dtype=torch.int64, device=dev))
-    n_cnt = torch.zeros(n, dtype=torch.int32, device=dev)
-    h_cnt = torch.zeros(n, dtype=torch.int32, device=dev)
+    band_idx = o.get("band_idx", torch.empty(n, band_cap, dtype=torch.int64, device=dev))
+    band_cnt = torch.zeros(n, dtype=torch.int32, device=dev)
+    step_cnt = torch.zeros(n, dtype=torch.int32, device=dev)
     if n and s:
-        _run_encode((x, W_enc, b_enc, threshold, a_idx, a_val, a_cnt, n_idx, n_cnt, h_cnt, a_val,
-                     n, d, s, sw, a_cap, n_cap, float(half_bw), n_bucket), n, s, x.dtype,
-                    WRITE_DENSE=False, WRITE_BAND=band)
-    return a_idx, a_val, a_cnt, n_idx, n_cnt, h_cnt
+        _run_encode((x, W_enc, b_enc, threshold, a_idx, a_val, a_cnt, band_idx, band_cnt, step_cnt, a_val, n, d, s, sw,
+                     a_cap, band_cap, float(half_bw), n_bucket), n, s, x.dtype, WRITE_DENSE=False, WRITE_BAND=band)
+    return a_idx, a_val, a_cnt, band_idx, band_cnt, step_cnt
 
 
 def _round_cap(c: int) -> int:
@@ -369,97 +380,100 @@ _CAP_HINT: dict = {}
 
 
 def jumprelu_encode_sets(x, W_enc, b_enc, threshold, *, band: bool, half_bw: float = 0.0, capacity=None, out=None):
-    """Fused encoder, sparse output. Returns (a_idx, a_val, a_cnt, n_idx, n_cnt, h_cnt) with
+    """Fused encoder, sparse output. Returns (a_idx, a_val, a_cnt, band_idx, band_cnt, step_cnt) with
     padding slots zeroed; reruns with the exact capacity when a row overflows."""
     n, s = x.shape[0], W_enc.shape[1]
     key = (x.device, s)
-    a_cap, n_cap = capacity or _CAP_HINT.get(key, (64, 64))
-    a_cap, n_cap = min(a_cap, s), min(n_cap, s)
+    a_cap, band_cap = capacity or _CAP_HINT.get(key, (64, 64))
+    a_cap, band_cap = min(a_cap, s), min(band_cap, s)
     for _ in range(2):
-        res = _launch_encode(x, W_enc, b_enc, threshold, dense=False, a_cap=a_cap, n_cap=n_cap if band else 0,
+        res = _launch_encode(x, W_enc, b_enc, threshold, dense=False, a_cap=a_cap, band_cap=band_cap if band else 0,
                              half_bw=half_bw, band=band, out=out)
-        a_idx, a_val, a_cnt, n_idx, n_cnt, h_cnt = res
+        a_idx, a_val, a_cnt, band_idx, band_cnt, step_cnt = res
         a_max = int(a_cnt.max()) if n else 0
-        n_max = int(n_cnt.max()) if n and band else 0
-        if a_max <= a_cap and n_max <= (n_cap if band else 0):
+        band_max = int(band_cnt.max()) if n and band else 0
+        if a_max <= a_cap and band_max <= (band_cap if band else 0):
             break
         # Overflow: the counters hold the exact per-row totals; rerun with room for all.
-        a_cap, n_cap = max(a_cap, a_max), max(n_cap, n_max)
+        a_cap, band_cap = max(a_cap, a_max), max(band_cap, band_max)
         out = None
     else:  # pragma: no cover - the second pass always fits: capacities equal the exact maxima
         raise RuntimeError("jumprelu_encode: capacity retry did not converge")
-    _CAP_HINT[key] = (_round_cap(a_max + a_max // 4), _round_cap(n_max + n_max // 4))
+    _CAP_HINT[key] = (_round_cap(a_max + a_max // 4), _round_cap(band_max + band_max // 4))
     # Padding contract of SparseActs: slots k >= counts[b] hold index 0 and value 0.
     a_valid = valid_slots(a_idx, a_cnt)
     a_idx = torch.where(a_valid, a_idx, 0)
     a_val = torch.where(a_valid, a_val, torch.zeros((), dtype=a_val.dtype, device=x.device))
     if band:
-        n_valid = valid_slots(n_idx, n_cnt)
-        n_idx = torch.where(n_valid, n_idx, 0)
-    return a_idx, a_val, a_cnt, n_idx, n_cnt, h_cnt
+        band_valid = valid_slots(band_idx, band_cnt)
+        band_idx = torch.where(band_valid, band_idx, 0)
+    return a_idx, a_val, a_cnt, band_idx, band_cnt, step_cnt
 
 
 # ------------------------------------------------------------ decode / gather
 # Memory-bound: one program per (token, BD columns), KB slots at a time, 4 warps.
 # A slot is read only when k < clamp(count, 0, K) and its feature j is in [0, S).
 @triton.jit
-def _sparse_decode_kernel(
-    idx_ptr, val_ptr, cnt_ptr, w_ptr, bias_ptr, out_ptr, K, D, S,
-    HAS_BIAS: tl.constexpr, OUT_DTYPE: tl.constexpr, RNE_FIX: tl.constexpr, KB: tl.constexpr, BD: tl.constexpr,
-):
+def _slot_features(idx_ptr, b, rk, c, K, S):
+    """(features j of row b's slots rk, which of them may be read): slots below the
+    clamped count c whose feature lies in [0, S)."""
+    k_ok = rk < c
+    j = tl.load(idx_ptr + b * K + rk, mask=k_ok, other=0)
+    return j, k_ok & (j >= 0) & (j < S)
+
+
+@triton.jit
+def _feature_rows(w_ptr, j, j_ok, rd, d_ok, D):
+    """W[j, rd] as float32 [slots, columns], 0 where a slot or a column may not be read."""
+    return tl.load(w_ptr + j[:, None] * D + rd[None, :], mask=j_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _sparse_decode_kernel(idx_ptr, val_ptr, cnt_ptr, w_ptr, bias_ptr, out_ptr, K, D, S, HAS_BIAS: tl.constexpr,
+                          OUT_DTYPE: tl.constexpr, RNE_FIX: tl.constexpr, KB: tl.constexpr, BD: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     rd = tl.program_id(1) * BD + tl.arange(0, BD)
     d_ok = rd < D
     if HAS_BIAS:
         acc = tl.load(bias_ptr + rd, mask=d_ok, other=0.0).to(tl.float32)
     else:
-        acc = tl.zeros((BD,), dtype=tl.float32)
+        acc = tl.zeros((BD, ), dtype=tl.float32)
     c = tl.minimum(tl.maximum(tl.load(cnt_ptr + b), 0), K)
     for k0 in range(0, c, KB):
         rk = k0 + tl.arange(0, KB)
-        k_ok = rk < c
-        j = tl.load(idx_ptr + b * K + rk, mask=k_ok, other=0)
-        j_ok = k_ok & (j >= 0) & (j < S)
+        j, j_ok = _slot_features(idx_ptr, b, rk, c, K, S)
         v = tl.load(val_ptr + b * K + rk, mask=j_ok, other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + j[:, None] * D + rd[None, :], mask=j_ok[:, None] & d_ok[None, :], other=0.0)
-        acc += tl.sum(v[:, None] * w.to(tl.float32), axis=0)
+        acc += tl.sum(v[:, None] * _feature_rows(w_ptr, j, j_ok, rd, d_ok, D), axis=0)
     tl.store(out_ptr + b * D + rd, _cast_out(acc, OUT_DTYPE, RNE_FIX), mask=d_ok)
 
 
 @triton.jit
-def _sparse_gather_dot_kernel(
-    g_ptr, idx_ptr, cnt_ptr, w_ptr, out_ptr, K, D, S,
-    OUT_DTYPE: tl.constexpr, RNE_FIX: tl.constexpr, KB: tl.constexpr, BD: tl.constexpr,
-):
+def _sparse_gather_dot_kernel(g_ptr, idx_ptr, cnt_ptr, w_ptr, out_ptr, K, D, S, OUT_DTYPE: tl.constexpr,
+                              RNE_FIX: tl.constexpr, KB: tl.constexpr, BD: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     rk = tl.program_id(1) * KB + tl.arange(0, KB)
     c = tl.minimum(tl.maximum(tl.load(cnt_ptr + b), 0), K)
-    k_ok = rk < c
-    j = tl.load(idx_ptr + b * K + rk, mask=k_ok, other=0)
-    j_ok = k_ok & (j >= 0) & (j < S)
-    acc = tl.zeros((KB,), dtype=tl.float32)
+    j, j_ok = _slot_features(idx_ptr, b, rk, c, K, S)
+    acc = tl.zeros((KB, ), dtype=tl.float32)
     for d0 in range(0, D, BD):
         rd = d0 + tl.arange(0, BD)
         d_ok = rd < D
         g = tl.load(g_ptr + b * D + rd, mask=d_ok, other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + j[:, None] * D + rd[None, :], mask=j_ok[:, None] & d_ok[None, :], other=0.0)
-        acc += tl.sum(w.to(tl.float32) * g[None, :], axis=1)
-    tl.store(out_ptr + b * K + rk, _cast_out(tl.where(k_ok, acc, 0.0), OUT_DTYPE, RNE_FIX), mask=rk < K)
+        acc += tl.sum(_feature_rows(w_ptr, j, j_ok, rd, d_ok, D) * g[None, :], axis=1)
+    tl.store(out_ptr + b * K + rk, _cast_out(tl.where(rk < c, acc, 0.0), OUT_DTYPE, RNE_FIX), mask=rk < K)
 
 
 # Entries e in [start[j], start[j+1]) clamped to [0, E) (E = tokens x K): a slot
 # read from `order` is used only when it lies in [0, E), so grad rows stay < tokens.
 @triton.jit
-def _sparse_scatter_rows_kernel(
-    order_ptr, start_ptr, coef_ptr, g_ptr, out_ptr, K, D, E,
-    OUT_DTYPE: tl.constexpr, RNE_FIX: tl.constexpr, EB: tl.constexpr, BD: tl.constexpr,
-):
+def _sparse_scatter_rows_kernel(order_ptr, start_ptr, coef_ptr, g_ptr, out_ptr, K, D, E, OUT_DTYPE: tl.constexpr,
+                                RNE_FIX: tl.constexpr, EB: tl.constexpr, BD: tl.constexpr):
     j = tl.program_id(0).to(tl.int64)
     rd = tl.program_id(1) * BD + tl.arange(0, BD)
     d_ok = rd < D
     e0 = tl.minimum(tl.maximum(tl.load(start_ptr + j), 0), E)
     e1 = tl.minimum(tl.maximum(tl.load(start_ptr + j + 1), e0), E)
-    acc = tl.zeros((BD,), dtype=tl.float32)
+    acc = tl.zeros((BD, ), dtype=tl.float32)
     for e in range(e0, e1, EB):
         re = e + tl.arange(0, EB)
         slot = tl.load(order_ptr + re, mask=re < e1, other=-1)
@@ -499,10 +513,10 @@ def sparse_decode(indices, values, counts, W, bias, out=None, out_dtype=None):
     out = out if out is not None else torch.empty(n, d, dtype=out_dtype, device=W.device)
     if n and d:
         BD = _bd(d)
-        _sparse_decode_kernel[(n, triton.cdiv(d, BD))](
-            indices, values, counts, W, bias if bias is not None else W, out, k, d, s,
-            HAS_BIAS=bias is not None, OUT_DTYPE=_TL_DTYPE[out.dtype], RNE_FIX=_rne_fix(out.dtype), KB=_KB, BD=BD,
-        )
+        _sparse_decode_kernel[(n, triton.cdiv(d,
+                                              BD))](indices, values, counts, W, bias if bias is not None else W, out, k,
+                                                    d, s, HAS_BIAS=bias is not None, OUT_DTYPE=_TL_DTYPE[out.dtype],
+                                                    RNE_FIX=_rne_fix(out.dtype), KB=_KB, BD=BD)
     return out
 
 
@@ -512,10 +526,9 @@ def sparse_gather_dot(grad, indices, counts, W, out=None):
     # Output in grad's dtype: W's, or float32 when the caller wants the dots unrounded.
     out = out if out is not None else torch.empty(n, k, dtype=grad.dtype, device=W.device)
     if n and k:
-        _sparse_gather_dot_kernel[(n, triton.cdiv(k, _KB))](
-            grad, indices, counts, W, out, k, d, s, OUT_DTYPE=_TL_DTYPE[grad.dtype], RNE_FIX=_rne_fix(grad.dtype),
-            KB=_KB, BD=_bd(d),
-        )
+        _sparse_gather_dot_kernel[(n, triton.cdiv(k, _KB))](grad, indices, counts, W, out, k, d, s,
+                                                            OUT_DTYPE=_TL_DTYPE[grad.dtype],
+                                                            RNE_FIX=_rne_fix(grad.dtype), KB=_KB, BD=_bd(d))
     return out
 
 
@@ -528,10 +541,9 @@ def sparse_scatter_rows(coef, indices, counts, grad, d_sae, out=None):
     if d_sae == 0 or d == 0:
         return out
     BD = _bd(d)
-    _sparse_scatter_rows_kernel[(d_sae, triton.cdiv(d, BD))](
-        order, start, coef, grad, out, max(k, 1), d, n * k, OUT_DTYPE=_TL_DTYPE[grad.dtype],
-        RNE_FIX=_rne_fix(grad.dtype), EB=_KB, BD=BD,
-    )
+    _sparse_scatter_rows_kernel[(d_sae, triton.cdiv(d, BD))](order, start, coef, grad, out, max(k, 1), d, n * k,
+                                                             OUT_DTYPE=_TL_DTYPE[grad.dtype],
+                                                             RNE_FIX=_rne_fix(grad.dtype), EB=_KB, BD=BD)
     return out
 
 
@@ -570,12 +582,12 @@ def _bad_values_kernel(idx_ptr, cnt_ptr, out_ptr, N, NK):
 def locate_sparse(indices, counts, d_sae: int):
     n, k = indices.shape
     none = max(n, n * k)
-    out = torch.full((4,), none, dtype=torch.int64, device=indices.device)
+    out = torch.full((4, ), none, dtype=torch.int64, device=indices.device)
     indices, counts = indices.contiguous(), counts.contiguous()
     BN = 64 if _interpret() else 16  # the interpreter: few programs
     BK = min(triton.next_power_of_2(max(k, 1)), 64)
-    _first_bad_slot_kernel[(triton.cdiv(n, BN),)](indices, counts, out, n, k, d_sae, none, BN=BN, BK=BK)
-    _bad_values_kernel[(1,)](indices, counts, out, n, n * k)
+    _first_bad_slot_kernel[(triton.cdiv(n, BN), )](indices, counts, out, n, k, d_sae, none, BN=BN, BK=BK)
+    _bad_values_kernel[(1, )](indices, counts, out, n, n * k)
     return out
 
 
@@ -586,12 +598,9 @@ def locate_sparse(indices, counts, d_sae: int):
 # read back: this step's) and writes it scaled. The same math as one tile holding the
 # row, one rounding, any row length, and a tile of BR x BL elements in registers.
 @triton.jit
-def _adam_b1zero_rows_kernel(
-    p_ptr, v_ptr, last_ptr, rows_ptr, g_ptr, n, S, L, s_row, s_col,
-    step, lr, beta2, one_m_beta2, log2_beta2, eps, bc2_sqrt,
-    HAS_ROWS: tl.constexpr, RENORM: tl.constexpr, OUT_DTYPE: tl.constexpr, RNE_FIX: tl.constexpr,
-    BR: tl.constexpr, BL: tl.constexpr,
-):
+def _adam_b1zero_rows_kernel(p_ptr, v_ptr, last_ptr, rows_ptr, g_ptr, n, S, L, s_row, s_col, step, lr, beta2,
+                             one_m_beta2, log2_beta2, eps, bc2_sqrt, HAS_ROWS: tl.constexpr, RENORM: tl.constexpr,
+                             OUT_DTYPE: tl.constexpr, RNE_FIX: tl.constexpr, BR: tl.constexpr, BL: tl.constexpr):
     r = tl.program_id(0) * BR + tl.arange(0, BR)
     r_ok = r < n
     r64 = r.to(tl.int64)
@@ -607,7 +616,7 @@ def _adam_b1zero_rows_kernel(
     base = j * s_row
     g_base = r64 * L
     if RENORM:
-        sq = tl.zeros((BR,), dtype=tl.float32)
+        sq = tl.zeros((BR, ), dtype=tl.float32)
     for c0 in range(0, L, BL):
         c = c0 + tl.arange(0, BL)
         ok = j_ok[:, None] & (c < L)[None, :]
@@ -658,7 +667,7 @@ def adam_b1zero_rows_(param, v, last, rows, grad, *, step, lr, beta2, eps, spars
     """Launcher of the fused step; same contract as reference.adam_b1zero_rows_."""
     import math
 
-    from .reference import row_view
+    from ..reference import row_view
 
     P = row_view(param, sparse_dim)
     n = rows.numel() if rows is not None else 1
@@ -668,23 +677,38 @@ def adam_b1zero_rows_(param, v, last, rows, grad, *, step, lr, beta2, eps, spars
     s_row, s_col = P.stride()
     g = grad.reshape(n, L).contiguous()
     BR, BL = _adam_blocks(L)
-    _adam_b1zero_rows_kernel[(triton.cdiv(n, BR),)](
-        param, v, last, rows if rows is not None else last, g, n, S, L, s_row, s_col,
-        int(step), float(lr), float(beta2), float(1 - beta2),
+    _adam_b1zero_rows_kernel[(triton.cdiv(n, BR), )](
+        param,
+        v,
+        last,
+        rows if rows is not None else last,
+        g,
+        n,
+        S,
+        L,
+        s_row,
+        s_col,
+        int(step),
+        float(lr),
+        float(beta2),
+        float(1 - beta2),
         # beta2 = 0: 2^(-200 k) is 0 in float32 for every k >= 1 (and -inf * 0 would be NaN)
-        math.log2(beta2) if beta2 > 0 else -200.0, float(eps), float((1 - beta2**step) ** 0.5),
-        HAS_ROWS=rows is not None, RENORM=bool(renorm), OUT_DTYPE=_TL_DTYPE[param.dtype],
-        RNE_FIX=_rne_fix(param.dtype), BR=BR, BL=BL,
-    )
+        math.log2(beta2) if beta2 > 0 else -200.0,
+        float(eps),
+        float((1 - beta2**step)**0.5),
+        HAS_ROWS=rows is not None,
+        RENORM=bool(renorm),
+        OUT_DTYPE=_TL_DTYPE[param.dtype],
+        RNE_FIX=_rne_fix(param.dtype),
+        BR=BR,
+        BL=BL)
 
 
 # ------------------------------------------------------- the compile space
 _TL_NAME = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-_DTYPE_NAME = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
-def _case(kernel, dtype, config, ptrs, ints, floats=(), ones=(), num_warps=4, num_stages=3, divisible=(),
-          **constexprs):
+def _case(kernel, dtype, config, ptrs, ints, floats=(), ones=(), num_warps=4, num_stages=3, divisible=(), **constexprs):
     """One compile: argument types as the launcher passes them on a GPU; `divisible`
     the pointers (16-byte aligned) and integers (multiples of 16) Triton sees as such."""
     sig = dict(ptrs)
@@ -695,9 +719,11 @@ def _case(kernel, dtype, config, ptrs, ints, floats=(), ones=(), num_warps=4, nu
     sig.update({a: "constexpr" for a in constexprs})
     consts = dict(constexprs)
     consts.update({a: 1 for a in ones})
-    return {"kernel": kernel, "dtype": _DTYPE_NAME[dtype], "config": dict(config, warps=num_warps, stages=num_stages),
-            "signature": sig, "constexprs": consts, "num_warps": num_warps, "num_stages": num_stages,
-            "divisible": tuple(d for d in divisible if d in sig and sig[d] != "constexpr")}
+    return {
+        "kernel": kernel, "dtype": NAME_OF[dtype], "config": dict(config, warps=num_warps, stages=num_stages),
+        "signature": sig, "constexprs": consts, "num_warps": num_warps, "num_stages": num_stages,
+        "divisible": tuple(d for d in divisible if d in sig and sig[d] != "constexpr")
+    }
 
 
 def gpu_configs(cc: int) -> list[dict]:
@@ -722,21 +748,24 @@ def gpu_configs(cc: int) -> list[dict]:
     modes = (("dense", True, False), ("sparse", False, False), ("sparse+band", False, True))
     for dt in dtypes:
         t = _TL_NAME[dt]
-        for precision in (("ieee", "tf32") if dt == torch.float32 else ("ieee",)):
+        for precision in ("ieee", "tf32") if dt == torch.float32 else ("ieee", ):
             for aligned in (True, False):
                 for bm, bn, bk, w, st in _ENCODE_SPACE[(fam, _encode_kind(dt, precision), aligned)]:
                     for mode, dense, band in modes:
-                        out.append(_case(
-                            "_jumprelu_encode_kernel", dt,
-                            {"BM": bm, "BN": bn, "BK": bk, "mode": mode, "precision": precision,
-                             "spec": "aligned" if aligned else "unaligned"},
-                            {"x_ptr": f"*{t}", "w_ptr": f"*{t}", "b_ptr": f"*{t}", "thr_ptr": "*fp32",
-                             "a_idx_ptr": "*i64", "a_val_ptr": f"*{t}", "a_cnt_ptr": "*i32", "n_idx_ptr": "*i64",
-                             "n_cnt_ptr": "*i32", "h_cnt_ptr": "*i32", "dense_ptr": f"*{t}"},
-                            ("N", "D", "S", "SW", "a_cap", "n_cap", "N_BUCKET"), ("half_bw",), (), w, st,
-                            ("x_ptr", "w_ptr", "D", "SW") if aligned else (),
-                            OUT_DTYPE=_TL_DTYPE[dt], PRECISION=precision, UPCAST=False, RNE_FIX=False,
-                            WRITE_DENSE=dense, WRITE_BAND=band, BM=bm, BN=bn, BK=bk))
+                        out.append(
+                            _case(
+                                "_jumprelu_encode_kernel", dt, {
+                                    "BM": bm, "BN": bn, "BK": bk, "mode": mode, "precision": precision,
+                                    "spec": "aligned" if aligned else "unaligned"
+                                }, {
+                                    "x_ptr": f"*{t}", "w_ptr": f"*{t}", "b_ptr": f"*{t}", "thr_ptr": "*fp32",
+                                    "a_idx_ptr": "*i64", "a_val_ptr": f"*{t}", "a_cnt_ptr": "*i32",
+                                    "band_idx_ptr": "*i64", "band_cnt_ptr": "*i32", "step_cnt_ptr": "*i32",
+                                    "dense_ptr": f"*{t}"
+                                }, ("N", "D", "S", "SW", "a_cap", "band_cap", "N_BUCKET"), ("half_bw", ), (), w, st,
+                                ("x_ptr", "w_ptr", "D", "SW") if aligned else (), OUT_DTYPE=_TL_DTYPE[dt],
+                                PRECISION=precision, UPCAST=False, RNE_FIX=False, WRITE_DENSE=dense, WRITE_BAND=band,
+                                BM=bm, BN=bn, BK=bk))
     bds = sorted({_bd_gpu(d) for d in (1, 128, 129, 1 << 20)})
     specs = (("aligned", True), ("unaligned", False))
 
@@ -752,22 +781,23 @@ def gpu_configs(cc: int) -> list[dict]:
             o = _TL_NAME[odt]
             for bd in bds:
                 for has_bias in (False, True):
-                    small("_sparse_decode_kernel", dt, {"KB": _KB, "BD": bd, "bias": has_bias, "out": o},
-                          {"idx_ptr": "*i64", "val_ptr": f"*{t}", "cnt_ptr": "*i32", "w_ptr": f"*{t}",
-                           "bias_ptr": f"*{t}", "out_ptr": f"*{o}"}, ("K", "D", "S"),
-                          HAS_BIAS=has_bias, OUT_DTYPE=_TL_DTYPE[odt], RNE_FIX=False, KB=_KB, BD=bd)
+                    small("_sparse_decode_kernel", dt, {"KB": _KB, "BD": bd, "bias": has_bias, "out": o}, {
+                        "idx_ptr": "*i64", "val_ptr": f"*{t}", "cnt_ptr": "*i32", "w_ptr": f"*{t}", "bias_ptr": f"*{t}",
+                        "out_ptr": f"*{o}"
+                    }, ("K", "D", "S"), HAS_BIAS=has_bias, OUT_DTYPE=_TL_DTYPE[odt], RNE_FIX=False, KB=_KB, BD=bd)
                 small("_sparse_gather_dot_kernel", dt, {"KB": _KB, "BD": bd, "grad": o},
                       {"g_ptr": f"*{o}", "idx_ptr": "*i64", "cnt_ptr": "*i32", "w_ptr": f"*{t}", "out_ptr": f"*{o}"},
                       ("K", "D", "S"), OUT_DTYPE=_TL_DTYPE[odt], RNE_FIX=False, KB=_KB, BD=bd)
         for bd in bds:
             small("_sparse_scatter_rows_kernel", dt, {"EB": _KB, "BD": bd},
-                  {"order_ptr": "*i64", "start_ptr": "*i64", "coef_ptr": f"*{t}", "g_ptr": f"*{t}",
-                   "out_ptr": f"*{t}"}, ("K", "D", "E"), OUT_DTYPE=_TL_DTYPE[dt], RNE_FIX=False, EB=_KB, BD=bd)
+                  {"order_ptr": "*i64", "start_ptr": "*i64", "coef_ptr": f"*{t}", "g_ptr": f"*{t}", "out_ptr": f"*{t}"},
+                  ("K", "D", "E"), OUT_DTYPE=_TL_DTYPE[dt], RNE_FIX=False, EB=_KB, BD=bd)
     # optimizer: layouts of the parameters SparseAdamB1Zero updates
     lengths = sorted({_adam_blocks_gpu(L) for L in [1 << i for i in range(21)] + [3, 33, 65, 4097]})
-    layouts = (("rows", True, ("s_col",)),      # W_dec [d_sae, d_in] by rows: s_col = 1
-               ("columns", True, ("s_row",)),   # W_enc [d_in, d_sae] by columns: s_row = 1
-               ("whole", False, ("s_col",)))    # b_dec: the whole tensor as one row
+    layouts = (
+        ("rows", True, ("s_col", )),  # W_dec [d_sae, d_in] by rows: s_col = 1
+        ("columns", True, ("s_row", )),  # W_enc [d_in, d_sae] by columns: s_row = 1
+        ("whole", False, ("s_col", )))  # b_dec: the whole tensor as one row
     for dt in dtypes:
         t = _TL_NAME[dt]
         for gdt in sorted({dt, torch.float32}, key=str):
@@ -776,22 +806,21 @@ def gpu_configs(cc: int) -> list[dict]:
                     if bl == 1 and layout != "rows":
                         continue  # L = 1 (b_enc, threshold) only comes as [d_sae, 1] rows
                     one = ("s_row", "s_col", "L") if bl == 1 else ones  # a [d_sae, 1] view: strides (1, 1)
-                    for renorm in ((False, True) if has_rows else (False,)):
+                    for renorm in (False, True) if has_rows else (False, ):
                         small("_adam_b1zero_rows_kernel", dt,
-                              {"BR": br, "BL": bl, "layout": layout, "renorm": renorm, "grad": _TL_NAME[gdt]},
-                              {"p_ptr": f"*{t}", "v_ptr": "*fp32", "last_ptr": "*i64", "rows_ptr": "*i64",
-                               "g_ptr": f"*{_TL_NAME[gdt]}"},
-                              tuple(a for a in ("n", "S", "L", "s_row", "s_col", "step") if a not in one),
-                              ("lr", "beta2", "one_m_beta2", "log2_beta2", "eps", "bc2_sqrt"), one,
-                              HAS_ROWS=has_rows, RENORM=renorm, OUT_DTYPE=_TL_DTYPE[dt], RNE_FIX=False, BR=br,
-                              BL=bl)
+                              {"BR": br, "BL": bl, "layout": layout, "renorm": renorm, "grad": _TL_NAME[gdt]}, {
+                                  "p_ptr": f"*{t}", "v_ptr": "*fp32", "last_ptr": "*i64", "rows_ptr": "*i64",
+                                  "g_ptr": f"*{_TL_NAME[gdt]}"
+                              }, tuple(a for a in ("n", "S", "L", "s_row", "s_col", "step") if a not in one),
+                              ("lr", "beta2", "one_m_beta2", "log2_beta2", "eps", "bc2_sqrt"), one, HAS_ROWS=has_rows,
+                              RENORM=renorm, OUT_DTYPE=_TL_DTYPE[dt], RNE_FIX=False, BR=br, BL=bl)
     # the range check of the sae_fast_triton ops (locate_sparse): no float data, listed
     # under each dtype like the kernels it guards
     for dt in dtypes:
         for bk in (1, 2, 4, 8, 16, 32, 64):
             small("_first_bad_slot_kernel", dt, {"BN": 16, "BK": bk},
-                  {"idx_ptr": "*i64", "cnt_ptr": "*i32", "out_ptr": "*i64", "NONE": "i64"}, ("N", "K", "S"),
-                  BN=16, BK=bk)
+                  {"idx_ptr": "*i64", "cnt_ptr": "*i32", "out_ptr": "*i64", "NONE": "i64"}, ("N", "K", "S"), BN=16,
+                  BK=bk)
         small("_bad_values_kernel", dt, {}, {"idx_ptr": "*i64", "cnt_ptr": "*i32", "out_ptr": "*i64", "NK": "i64"},
-              ("N",))
+              ("N", ))
     return out

@@ -1,29 +1,14 @@
-// sae_fast::jumprelu_select: the selection step of the dense-GEMM encoder, fused.
+// CPU kernel of sae_fast::jumprelu_select (the op is defined in csrc/ops.cpp; its
+// argument checks, shared with the CUDA entry csrc/cuda/jumprelu_select.cu, are in
+// csrc/checks.h), and its registration for the CPU dispatch key.
 //
-//   jumprelu_select(Tensor pre, Tensor threshold, float half_bandwidth, bool band=True, int col_offset=0)
-//       -> (a_idx, a_val, a_cnt, n_idx, n_cnt, steps)
-//
-// pre [N, C] (float32/bfloat16/float16, contiguous) is one chunk of features of
-// pre = x @ W_enc + b_enc, threshold [C] float32 its thresholds. One read of pre
-// gives, per row b (p = float32(pre[b, j]), t = threshold[j]):
-//
-//   active set A  = { j : (p > t and p > 0) or p is NaN }   a_idx int64, a_val pre's dtype, a_cnt int32
-//   band N        = { j : |p - t| < float32(half_bandwidth) } n_idx int64, n_cnt int32 (band=False: empty)
-//   steps[b]      = |{ j : p > t }|                          int64
-//
-// the sets laid out like sae_fast.sparse.compact: [N, capacity = the largest row
-// count], entries in increasing feature order, padding index 0 and value 0;
-// an index is col_offset + j, so a chunk starting at feature col_offset gives
-// global feature ids. The definition is the mask arithmetic of
-// sae_fast.sparse_train.chunked_pre_encoder's PyTorch path, bit for bit.
-//
-// CPU kernel: the rows are split into parts, one parallel task each. Pass 1
-// reads each row of pre once: blocks of 256 columns are flagged with branch-free,
-// vectorised compares (the step count comes from the same compares), and the
-// flagged columns are compacted into the part's growing buffers (column as int32,
-// value as T), skipping 8 unflagged columns at a time. Pass 2, once the
-// capacities are known, copies each row's entries out and writes its padding.
-// pre is read once; the buffers hold only the selected entries.
+// The rows are split into parts, one parallel task each. Pass 1 reads each row of
+// pre once: blocks of 256 columns are flagged with branch-free, vectorised compares
+// (the step count comes from the same compares), and the flagged columns are
+// compacted into the part's growing buffers (column as int32, value as T), skipping
+// 8 unflagged columns at a time. Pass 2, once the capacities are known, copies each
+// row's entries out and writes its padding. pre is read once; the buffers hold only
+// the selected entries.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -38,13 +23,13 @@
 #include <tuple>
 #include <vector>
 
-#include "jumprelu_select.h"
+#include "checks.h"
 
 namespace sae_fast {
 
 namespace {
 
-constexpr int64_t kBlock = 256;           // columns flagged per vectorised pass (the flags stay in L1)
+constexpr int64_t kBlock = 256;            // columns flagged per vectorised pass (the flags stay in L1)
 constexpr int64_t kWorkPerPart = 1 << 16;  // pre elements per parallel task, at least
 
 // float32 values of pre, written so that the flag loop vectorises (c10's own
@@ -96,7 +81,7 @@ inline V* room(std::vector<V>& v, int64_t used, int64_t need) {
 // nonzero word are compacted branch-free.
 template <typename T, bool BAND>
 void select_row(const T* __restrict__ p, const float* __restrict__ thr, int64_t C, float hb, Part<T>& part,
-                int32_t& a_cnt, int32_t& n_cnt, int64_t& steps) {
+                int32_t& a_cnt, int32_t& band_cnt, int64_t& steps) {
   // Branch-free writes land at most one slot past the last entry, so C slots suffice.
   int32_t* __restrict__ ac = room(part.a_col, part.a_used, C);
   T* __restrict__ av = room(part.a_val, part.a_used, C);
@@ -140,7 +125,7 @@ void select_row(const T* __restrict__ p, const float* __restrict__ thr, int64_t 
   part.a_used += ka;
   if constexpr (BAND) part.n_used += kn;
   a_cnt = static_cast<int32_t>(ka);
-  n_cnt = static_cast<int32_t>(kn);
+  band_cnt = static_cast<int32_t>(kn);
   steps = st;
 }
 
@@ -149,12 +134,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& pre, const at::Tensor& threshold, float hb, bool band, int64_t col_offset) {
   const int64_t N = pre.size(0), C = pre.size(1);
   auto a_cnt = at::empty({N}, pre.options().dtype(at::kInt));
-  auto n_cnt = at::empty({N}, pre.options().dtype(at::kInt));
+  auto band_cnt = at::empty({N}, pre.options().dtype(at::kInt));
   auto steps = at::empty({N}, pre.options().dtype(at::kLong));
   const T* P = pre.data_ptr<T>();
   const float* thr = threshold.data_ptr<float>();
   int32_t* acnt = a_cnt.data_ptr<int32_t>();
-  int32_t* ncnt = n_cnt.data_ptr<int32_t>();
+  int32_t* ncnt = band_cnt.data_ptr<int32_t>();
   int64_t* stp = steps.data_ptr<int64_t>();
 
   // Parts: contiguous row ranges of >= kWorkPerPart elements, a few per thread for balance.
@@ -181,17 +166,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     }
   });
 
-  int64_t cap_a = 0, cap_n = 0;
+  int64_t cap_a = 0, cap_band = 0;
   for (int64_t b = 0; b < N; ++b) {
     cap_a = std::max<int64_t>(cap_a, acnt[b]);
-    cap_n = std::max<int64_t>(cap_n, ncnt[b]);
+    cap_band = std::max<int64_t>(cap_band, ncnt[b]);
   }
   auto a_idx = at::empty({N, cap_a}, pre.options().dtype(at::kLong));
   auto a_val = at::empty({N, cap_a}, pre.options());
-  auto n_idx = at::empty({N, cap_n}, pre.options().dtype(at::kLong));
+  auto band_idx = at::empty({N, cap_band}, pre.options().dtype(at::kLong));
   int64_t* ai = a_idx.data_ptr<int64_t>();
   T* av = a_val.data_ptr<T>();
-  int64_t* ni = n_idx.data_ptr<int64_t>();
+  int64_t* ni = band_idx.data_ptr<int64_t>();
 
   // pass 2: copy out, with the padding (index 0, value 0)
   at::parallel_for(0, n_parts, 1, [&](int64_t q0, int64_t q1) {
@@ -210,16 +195,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
           oi[k] = 0;
           ov[k] = static_cast<T>(0.f);
         }
-        if (cap_n) {
+        if (cap_band) {
           const int32_t* ncol = part.n_col.data() + n_start[static_cast<size_t>(b)];
-          int64_t* on = ni + b * cap_n;
+          int64_t* on = ni + b * cap_band;
           for (int64_t k = 0; k < kn; ++k) on[k] = col_offset + ncol[k];
-          for (int64_t k = kn; k < cap_n; ++k) on[k] = 0;
+          for (int64_t k = kn; k < cap_band; ++k) on[k] = 0;
         }
       }
     }
   });
-  return {a_idx, a_val, a_cnt, n_idx, n_cnt, steps};
+  return {a_idx, a_val, a_cnt, band_idx, band_cnt, steps};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> jumprelu_select_cpu(
@@ -237,12 +222,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 }
 
 }  // namespace
-
-TORCH_LIBRARY_FRAGMENT(sae_fast, m) {
-  m.def(
-      "jumprelu_select(Tensor pre, Tensor threshold, float half_bandwidth, bool band=True, int col_offset=0) -> "
-      "(Tensor a_idx, Tensor a_val, Tensor a_cnt, Tensor n_idx, Tensor n_cnt, Tensor steps)");
-}
 
 TORCH_LIBRARY_IMPL(sae_fast, CPU, m) { m.impl("jumprelu_select", &jumprelu_select_cpu); }
 

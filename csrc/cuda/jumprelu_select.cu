@@ -1,7 +1,10 @@
 // CUDA entry of sae_fast::jumprelu_select (the op is defined and documented in
-// csrc/jumprelu_select.cpp): the checks of csrc/jumprelu_select.h, the allocation,
-// and the launchers of kernels/jumprelu_select.cuh on PyTorch's current stream.
+// csrc/ops.cpp), and its registration for the CUDA dispatch key: the checks of
+// csrc/checks.h, the allocation, and the launchers of kernels/jumprelu_select.cuh
+// on PyTorch's current stream.
 // Deliberately avoids ATen/cuda/CUDAContext.h (it pulls in cuBLAS headers).
+// Compiled only in a CUDA build (setup.py adds csrc/cuda/*.cu together with
+// SAE_FAST_WITH_CUDA); a CPU-only build registers the CPU kernel alone.
 
 #ifdef SAE_FAST_WITH_CUDA
 
@@ -12,8 +15,8 @@
 
 #include <tuple>
 
+#include "checks.h"
 #include "jumprelu_select.cuh"
-#include "jumprelu_select.h"
 
 namespace sae_fast {
 
@@ -44,50 +47,48 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const auto plan = sae_fast_kernels::jumprelu_select_plan(N, C);
 
   auto a_cnt = at::empty({N}, pre.options().dtype(at::kInt));
-  auto n_cnt = at::empty({N}, pre.options().dtype(at::kInt));
+  auto band_cnt = at::empty({N}, pre.options().dtype(at::kInt));
   auto steps = at::empty({N}, pre.options().dtype(at::kLong));
-  at::Tensor a_base, n_base;  // each piece's first slot, with several pieces per row
+  at::Tensor a_base, band_base;  // each piece's first slot, with several pieces per row
   if (plan.segments == 1) {
-    check_select_launch(sae_fast_kernels::jumprelu_select_count(kt, pre.data_ptr(), threshold.data_ptr<float>(), N, C,
-                                                                plan, hb, band, a_cnt.data_ptr<int32_t>(),
-                                                                n_cnt.data_ptr<int32_t>(), steps.data_ptr<int64_t>(),
-                                                                stream),
+    check_select_launch(sae_fast_kernels::jumprelu_select_count(
+                            kt, pre.data_ptr(), threshold.data_ptr<float>(), N, C, plan, hb, band,
+                            a_cnt.data_ptr<int32_t>(), band_cnt.data_ptr<int32_t>(), steps.data_ptr<int64_t>(), stream),
                         "count");
   } else {
     a_base = at::empty({N, plan.segments}, a_cnt.options());
-    n_base = at::empty({N, plan.segments}, a_cnt.options());
+    band_base = at::empty({N, plan.segments}, a_cnt.options());
     auto seg_s = at::empty({N, plan.segments}, steps.options());
-    check_select_launch(sae_fast_kernels::jumprelu_select_count(kt, pre.data_ptr(), threshold.data_ptr<float>(), N, C,
-                                                                plan, hb, band, a_base.data_ptr<int32_t>(),
-                                                                n_base.data_ptr<int32_t>(), seg_s.data_ptr<int64_t>(),
-                                                                stream),
-                        "count");
-    check_select_launch(sae_fast_kernels::jumprelu_select_scan(N, plan, a_base.data_ptr<int32_t>(),
-                                                               n_base.data_ptr<int32_t>(), seg_s.data_ptr<int64_t>(),
-                                                               a_cnt.data_ptr<int32_t>(), n_cnt.data_ptr<int32_t>(),
-                                                               steps.data_ptr<int64_t>(), stream),
-                        "scan");
+    check_select_launch(
+        sae_fast_kernels::jumprelu_select_count(kt, pre.data_ptr(), threshold.data_ptr<float>(), N, C, plan, hb, band,
+                                                a_base.data_ptr<int32_t>(), band_base.data_ptr<int32_t>(),
+                                                seg_s.data_ptr<int64_t>(), stream),
+        "count");
+    check_select_launch(
+        sae_fast_kernels::jumprelu_select_scan(N, plan, a_base.data_ptr<int32_t>(), band_base.data_ptr<int32_t>(),
+                                               seg_s.data_ptr<int64_t>(), a_cnt.data_ptr<int32_t>(),
+                                               band_cnt.data_ptr<int32_t>(), steps.data_ptr<int64_t>(), stream),
+        "scan");
   }
 
   // The capacities: one device-to-host copy (the output shapes depend on the data).
-  int64_t cap_a = 0, cap_n = 0;
+  int64_t cap_a = 0, cap_band = 0;
   if (N > 0) {
-    auto caps = (band ? at::stack({a_cnt.max(), n_cnt.max()}) : a_cnt.max().reshape({1})).cpu();
+    auto caps = (band ? at::stack({a_cnt.max(), band_cnt.max()}) : a_cnt.max().reshape({1})).cpu();
     cap_a = caps[0].item<int64_t>();
-    cap_n = band ? caps[1].item<int64_t>() : 0;
+    cap_band = band ? caps[1].item<int64_t>() : 0;
   }
   auto a_idx = at::empty({N, cap_a}, pre.options().dtype(at::kLong));
   auto a_val = at::empty({N, cap_a}, pre.options());
-  auto n_idx = at::empty({N, cap_n}, pre.options().dtype(at::kLong));
+  auto band_idx = at::empty({N, cap_band}, pre.options().dtype(at::kLong));
   check_select_launch(
       sae_fast_kernels::jumprelu_select_write(
-          kt, pre.data_ptr(), threshold.data_ptr<float>(), N, C, plan, hb, band, col_offset,
-          a_cnt.data_ptr<int32_t>(), n_cnt.data_ptr<int32_t>(),
-          plan.segments == 1 ? nullptr : a_base.data_ptr<int32_t>(),
-          plan.segments == 1 ? nullptr : n_base.data_ptr<int32_t>(), a_idx.data_ptr<int64_t>(), a_val.data_ptr(),
-          cap_a, n_idx.data_ptr<int64_t>(), cap_n, stream),
+          kt, pre.data_ptr(), threshold.data_ptr<float>(), N, C, plan, hb, band, col_offset, a_cnt.data_ptr<int32_t>(),
+          band_cnt.data_ptr<int32_t>(), plan.segments == 1 ? nullptr : a_base.data_ptr<int32_t>(),
+          plan.segments == 1 ? nullptr : band_base.data_ptr<int32_t>(), a_idx.data_ptr<int64_t>(), a_val.data_ptr(),
+          cap_a, band_idx.data_ptr<int64_t>(), cap_band, stream),
       "write");
-  return {a_idx, a_val, a_cnt, n_idx, n_cnt, steps};
+  return {a_idx, a_val, a_cnt, band_idx, band_cnt, steps};
 }
 
 }  // namespace
