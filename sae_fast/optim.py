@@ -89,18 +89,17 @@ class SparseAdamB1Zero(torch.optim.Optimizer):
             st["last"] = torch.zeros(n, dtype=torch.int64, device=p.device)
         return st
 
-    def _runner(self, p):
-        """(backend name, implementation or None) that updates p: the reference runs where
-        the fused ops can't (no compiled op, or a non-contiguous parameter)."""
+    def _runner(self, p) -> backends.Backend:
+        """The backend whose optimizer op updates p: the reference (torch) runs where the
+        fused ops can't (no compiled op, or a non-contiguous parameter)."""
         if p.device not in self._impls:
-            impl = backends.select(self.backend, p.device)
-            self._impls[p.device] = (impl.name, impl.optimizer)
-        name, impl = self._impls[p.device]
-        return (name, impl) if impl is not None and p.is_contiguous() else ("torch", None)
+            self._impls[p.device] = backends.select(self.backend, p.device)
+        b = self._impls[p.device]
+        return b if b.optimizer is not None and p.is_contiguous() else backends.get("torch")
 
     def _update(self, group, p, rows, grad):
         st = self._state(p, group["sparse_dim"])
-        _, impl = self._runner(p)
+        impl = self._runner(p).optimizer
         grad = grad.to(p.dtype).contiguous()
         if impl is not None:
             impl(p, st["v"], st["last"], rows, grad, self.t, group["lr"], group["beta2"], group["eps"],
@@ -189,15 +188,15 @@ class SparseAdamB1Zero(torch.optim.Optimizer):
         if tuple(g.shape) != (n, length) and not (p.dim() == 1 and tuple(g.shape) == (n, )):
             raise ValueError(
                 f"{op}: the gradient of {what} must be [n rows={n}, row length={length}], got {list(g.shape)}")
-        name, _ = self._runner(p)
+        b = self._runner(p)
         key = (id(rows), n_rows)
-        if key in checked or (name == "cuda" and rows.is_cuda):
+        if key in checked or (b.optimizer_checks_rows and rows.is_cuda):
             return  # a RowGrads' rows serve four parameters; the C++ CUDA op checks them itself
         checked.add(key)
         hint = f" ({what}, {n_rows} rows along sparse_dim {sd}"
         hint += "; a RowGrads of a wider SAE?)" if from_row_grads else ")"
         # defer (CUDA only): the Triton kernel masks rows outside [0, n_rows); the reference would assert
-        _checks.check_rows(op, rows, n_rows, defer=name == "triton", hint=hint)
+        _checks.check_rows(op, rows, n_rows, defer=b.defers_checks, hint=hint)
 
     @torch.no_grad()
     def flush(self) -> None:

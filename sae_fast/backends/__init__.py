@@ -47,6 +47,9 @@ class Backend:
     loss: replaces the sparse autograd step of sae_fast.step.loss (torch: the dense
         reference, autograd through reference.jumprelu_sae_loss), or None
     checks_indices: its decode validates the indices and counts of its input itself
+    optimizer_checks_rows: its optimizer op validates the rows of CUDA tensors itself
+    defers_checks: the checks made for it on CUDA tensors report at a later call, without
+        a synchronisation (its kernels mask every access meanwhile; sae_fast._checks)
     interpreted_on: device types where it runs only through an interpreter, for
         correctness (Triton on CPU): never picked by auto, never timed
     devices: the device types it can run on (None: any); `unavailable` says why it cannot run on one
@@ -65,6 +68,8 @@ class Backend:
     optimizer: Callable | None = None
     loss: Callable | None = None
     checks_indices: bool = False
+    optimizer_checks_rows: bool = False
+    defers_checks: bool = False
     interpreted_on: tuple[str, ...] = ()
 
     def why_not(self, device: torch.device | str) -> str | None:

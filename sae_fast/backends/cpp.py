@@ -109,7 +109,8 @@ def compiled_backend(name: str, unavailable, *, prims: Prims | None = None, sele
 
     devices = ("cuda", ) if name == "cuda" else ("cpu", )
     return Backend(name=name, devices=devices, unavailable=unavailable, encode=_encode, encode_sparse=encode_sparse,
-                   decode=decode, encoder=encoder, prims=prims, optimizer=optimizer, checks_indices=name == "cuda")
+                   decode=decode, encoder=encoder, prims=prims, optimizer=optimizer, checks_indices=name == "cuda",
+                   optimizer_checks_rows=name == "cuda")
 
 
 def register_backends(ext) -> None:

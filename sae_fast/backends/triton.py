@@ -160,7 +160,7 @@ def _backend() -> Backend:
     return Backend(name="triton", devices=("cuda", "cpu"), unavailable=_unavailable,
                    encode=torch.ops.sae_fast_triton.jumprelu_encode, encode_sparse=_encode_sparse, decode=_decode,
                    encoder=triton_encoder, prims=PRIMS, optimizer=UNCHECKED.adam_b1zero_rows_, checks_indices=True,
-                   interpreted_on=("cpu", ))
+                   defers_checks=True, interpreted_on=("cpu", ))
 
 
 register("triton", _backend)
