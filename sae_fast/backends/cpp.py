@@ -10,6 +10,8 @@ sparse_scatter_rows; the optimizer is sae_fast::adam_b1zero_rows_.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .. import library, reference
@@ -65,22 +67,19 @@ def fused_pre_encoder(x, W_enc, b_enc, threshold, half_bandwidth: float, *, band
                                select=select)
 
 
-def adam_b1zero_rows_(param, v, last, rows, grad, *, step, lr, beta2, eps, sparse_dim, renorm=False) -> None:
-    """sae_fast::adam_b1zero_rows_ (CPU or CUDA kernel) with reference.adam_b1zero_rows_'s signature."""
-    _ready()
-    torch.ops.sae_fast.adam_b1zero_rows_(param, v, last, rows, grad, step, lr, beta2, eps, sparse_dim, renorm)
-
-
 def prims_from_ops(ops) -> Prims:
     """The three primitives of the training step from an op namespace (torch.ops.<ns>)."""
-    return Prims(
-        decode=lambda i, v, c, W, b, out_dtype=None: ops.sparse_decode(i, v.contiguous(), c, W.contiguous(
-        ), b, out_dtype), gather_dot=lambda g, i, c, W: ops.sparse_gather_dot(g.contiguous(), i, c, W.contiguous()),
-        scatter_rows=lambda co, i, c, g, s: ops.sparse_scatter_rows(co.contiguous(), i, c, g.contiguous(), s))
 
+    def decode(i, v, c, W, b, out_dtype=None):
+        return ops.sparse_decode(i, v.contiguous(), c, W.contiguous(), b, out_dtype)
 
-def _encode(x, W_enc, b_enc, threshold):
-    return reference.jumprelu_encode(x, W_enc, b_enc, threshold)
+    def gather_dot(g, i, c, W):
+        return ops.sparse_gather_dot(g.contiguous(), i, c, W.contiguous())
+
+    def scatter_rows(coef, i, c, g, d_sae):
+        return ops.sparse_scatter_rows(coef.contiguous(), i, c, g.contiguous(), d_sae)
+
+    return Prims(decode, gather_dot, scatter_rows)
 
 
 def compiled_backend(name: str, unavailable, *, prims: Prims | None = None, select=None, optimizer=None) -> Backend:
@@ -92,13 +91,7 @@ def compiled_backend(name: str, unavailable, *, prims: Prims | None = None, sele
         _ready()
         prims = prims or prims_from_ops(torch.ops.sae_fast)
         optimizer = optimizer or torch.ops.sae_fast.adam_b1zero_rows_
-    if select is None:
-        encoder = fused_pre_encoder
-    else:
-
-        def encoder(x, W_enc, b_enc, threshold, half_bandwidth, *, band=True, chunk_features=None):
-            return chunked_pre_encoder(x, W_enc, b_enc, threshold, half_bandwidth, band=band,
-                                       chunk_features=chunk_features, select=select)
+    encoder = fused_pre_encoder if select is None else functools.partial(chunked_pre_encoder, select=select)
 
     def encode_sparse(x, W_enc, b_enc, threshold):
         sets = encoder(x, W_enc, b_enc, threshold, 0.0, band=False)
@@ -108,9 +101,9 @@ def compiled_backend(name: str, unavailable, *, prims: Prims | None = None, sele
         return prims.decode(acts.indices, acts.values, acts.counts, W_dec, b_dec)
 
     devices = ("cuda", ) if name == "cuda" else ("cpu", )
-    return Backend(name=name, devices=devices, unavailable=unavailable, encode=_encode, encode_sparse=encode_sparse,
-                   decode=decode, encoder=encoder, prims=prims, optimizer=optimizer, checks_indices=name == "cuda",
-                   optimizer_checks_rows=name == "cuda")
+    return Backend(name=name, devices=devices, unavailable=unavailable, encode=reference.jumprelu_encode,
+                   encode_sparse=encode_sparse, decode=decode, encoder=encoder, prims=prims, optimizer=optimizer,
+                   checks_indices=name == "cuda", optimizer_checks_rows=name == "cuda")
 
 
 def register_backends(ext) -> None:

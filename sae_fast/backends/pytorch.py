@@ -23,10 +23,6 @@ def _on(device_prims: str):
 PRIMS = Prims(_on("decode"), _on("gather_dot"), _on("scatter_rows"))
 
 
-def _encode(x, W_enc, b_enc, threshold):
-    return reference.jumprelu_encode(x, W_enc, b_enc, threshold)
-
-
 def _encode_sparse(x, W_enc, b_enc, threshold):
     sp = reference.jumprelu_encode_sparse(x, W_enc, b_enc, threshold)
     return sp.indices, sp.values, sp.counts
@@ -38,7 +34,7 @@ def _loss(x, p: SAEParams, *, l0_coefficient, bandwidth):
 
 
 def _backend() -> Backend:
-    return Backend(name="torch", devices=None, unavailable=lambda device: None, encode=_encode,
+    return Backend(name="torch", devices=None, unavailable=lambda device: None, encode=reference.jumprelu_encode,
                    encode_sparse=_encode_sparse, decode=reference.sparse_decode, encoder=chunked_pre_encoder,
                    prims=PRIMS, optimizer=None, loss=_loss)
 
