@@ -19,7 +19,7 @@ from . import backends, reference  # noqa: E402
 from ._ext import load_extension as _load_extension  # noqa: E402
 from ._ext import load_triton as _load_triton
 from ._info import info  # noqa: E402
-from .modules import JumpReLUSAE  # noqa: E402
+from .modules import JumpReLUSAE, JumpReLUTranscoder  # noqa: E402
 from .ops import (  # noqa: E402
     check_pending, jumprelu_encode, jumprelu_encode_sparse, jumprelu_sae_loss, jumprelu_sae_row_grads, sparse_decode,
 )
@@ -32,7 +32,7 @@ _load_extension()
 _load_triton()
 
 __all__ = [
-    "JumpReLUSAE", "RowGrads", "SparseActs", "SparseAdamB1Zero", "TrainingOutput", "backends", "check_pending", "info",
-    "jumprelu_encode", "jumprelu_encode_sparse", "jumprelu_sae_loss", "jumprelu_sae_row_grads", "reference",
-    "sparse_decode"
+    "JumpReLUSAE", "JumpReLUTranscoder", "RowGrads", "SparseActs", "SparseAdamB1Zero", "TrainingOutput", "backends",
+    "check_pending", "info", "jumprelu_encode", "jumprelu_encode_sparse", "jumprelu_sae_loss", "jumprelu_sae_row_grads",
+    "reference", "sparse_decode"
 ]

@@ -80,15 +80,15 @@ def check_same_device(**tensors: torch.Tensor | None) -> None:
         raise ValueError(f"all tensors must be on the same device, got {desc}")
 
 
-def check_input(x: torch.Tensor, d_in: int, weight_dtype: torch.dtype, *, name: str = "x") -> None:
-    """x: [..., d_in] floating, same dtype as the SAE weights."""
+def check_input(x: torch.Tensor, d_in: int, weight_dtype: torch.dtype, *, name: str = "x", dim: str = "d_in") -> None:
+    """x: [..., d_in] floating, same dtype as the SAE weights (dim: the last dimension's name)."""
     check_float(name, x)
     if x.dim() < 2:
-        raise ValueError(f"{name} must have shape [..., d_in] with at least one leading (token) "
+        raise ValueError(f"{name} must have shape [..., {dim}] with at least one leading (token) "
                          f"dimension, got a {x.dim()}-D tensor of shape {list(x.shape)}; "
                          f"use {name}.unsqueeze(0) for a single token")
     if x.shape[-1] != d_in:
-        raise ValueError(f"{name} must have last dimension d_in={d_in}, got shape {list(x.shape)}")
+        raise ValueError(f"{name} must have last dimension {dim}={d_in}, got shape {list(x.shape)}")
     if x.dtype != weight_dtype:
         raise TypeError(f"{name} has dtype {x.dtype} but the SAE weights are {weight_dtype}; "
                         f"cast the input with {name}.to({weight_dtype}) (mixing dtypes is not "
@@ -116,10 +116,11 @@ def check_encoder_params(W_enc: torch.Tensor, b_enc: torch.Tensor, threshold: to
     return d_in, d_sae
 
 
-def check_decoder_params(W_dec: torch.Tensor, b_dec: torch.Tensor | None) -> tuple[int, int]:
+def check_decoder_params(W_dec: torch.Tensor, b_dec: torch.Tensor | None, *, out: str = "d_in") -> tuple[int, int]:
+    """W_dec [d_sae, out], b_dec [out]; out names the output dimension (a transcoder's is d_out)."""
     check_float("W_dec", W_dec)
     if W_dec.dim() != 2:
-        raise ValueError(f"W_dec must have shape [d_sae, d_in], got {list(W_dec.shape)}")
+        raise ValueError(f"W_dec must have shape [d_sae, {out}], got {list(W_dec.shape)}")
     d_sae, d_in = W_dec.shape
     if b_dec is not None:
         check_float("b_dec", b_dec)
@@ -128,6 +129,14 @@ def check_decoder_params(W_dec: torch.Tensor, b_dec: torch.Tensor | None) -> tup
             raise TypeError(f"b_dec must have the dtype of W_dec ({W_dec.dtype}), got {b_dec.dtype}")
         check_same_device(W_dec=W_dec, b_dec=b_dec)
     return d_sae, d_in
+
+
+def check_skip(W_skip: torch.Tensor, d_in: int, d_out: int, weight_dtype: torch.dtype) -> None:
+    """A transcoder's skip connection W_skip [d_in, d_out] in the weights' dtype."""
+    check_float("W_skip", W_skip)
+    check_shape("W_skip", W_skip, (d_in, d_out))
+    if W_skip.dtype != weight_dtype:
+        raise TypeError(f"W_skip must have the dtype of W_enc ({weight_dtype}), got {W_skip.dtype}")
 
 
 def check_bandwidth(bandwidth: float) -> float:

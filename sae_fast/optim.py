@@ -74,11 +74,15 @@ class SparseAdamB1Zero(torch.optim.Optimizer):
         decoder_unit_norm: renormalise the W_dec rows a step changes to unit norm, inside
         the optimizer step (the parallel-gradient removal stays with the caller, before
         any clipping: see remove_parallel_component)."""
-        opt = cls([{"params": [sae.W_dec], "sparse_dim": 0, "renorm_rows": bool(decoder_unit_norm)}, {
-            "params": [sae.b_enc, sae.threshold], "sparse_dim": 0
-        }, {"params": [sae.W_enc], "sparse_dim": 1}, {"params": [sae.b_dec], "sparse_dim": None}],
-                  **{"backend": sae.backend, **kw})
-        opt.sae_params = {n: getattr(sae, n) for n in _SAE_NAMES}
+        groups = [{"params": [sae.W_dec], "sparse_dim": 0,
+                   "renorm_rows": bool(decoder_unit_norm)}, {"params": [sae.b_enc, sae.threshold], "sparse_dim": 0},
+                  {"params": [sae.W_enc], "sparse_dim": 1}, {"params": [sae.b_dec], "sparse_dim": None}]
+        names = _SAE_NAMES
+        if getattr(sae, "W_skip", None) is not None:  # a transcoder's skip connection: dense, one row
+            groups.append({"params": [sae.W_skip], "sparse_dim": None})
+            names = (*names, "W_skip")
+        opt = cls(groups, **{"backend": sae.backend, **kw})
+        opt.sae_params = {n: getattr(sae, n) for n in names}
         return opt
 
     def _state(self, p, sd):
@@ -143,7 +147,14 @@ class SparseAdamB1Zero(torch.optim.Optimizer):
         if from_row_grads:
             if not self.sae_params:
                 raise ValueError("step_rows(RowGrads) needs an optimizer made by SparseAdamB1Zero.for_sae(sae)")
-            grads = {self.sae_params[n]: (None if n == "b_dec" else grads.rows, getattr(grads, n)) for n in _SAE_NAMES}
+            if (grads.W_skip is None) != ("W_skip" not in self.sae_params):
+                raise ValueError("step_rows: the RowGrads and this optimizer's module disagree on W_skip "
+                                 "(a transcoder's skip connection): "
+                                 f"RowGrads {'has' if grads.W_skip is not None else 'lacks'} it")
+            grads = {
+                self.sae_params[n]: (None if n in ("b_dec", "W_skip") else grads.rows, getattr(grads, n))
+                for n in self.sae_params
+            }
         elif not isinstance(grads, dict):
             raise TypeError(
                 f"step_rows: grads must be a RowGrads or a dict {{param: (rows, grad)}}, got {type(grads).__name__}")

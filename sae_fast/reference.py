@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ._checks import check_bandwidth
+from ._checks import FLOAT_DTYPES, check_bandwidth
 from .outputs import TrainingOutput
 from .sparse import SparseActs, valid_slots
 
@@ -145,30 +145,46 @@ class StepFunction(_StraightThrough):
 
 def jumprelu_sae_loss(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, threshold: torch.Tensor,
                       W_dec: torch.Tensor, b_dec: torch.Tensor, *, l0_coefficient: float, bandwidth: float,
-                      apply_b_dec_to_input: bool = False) -> TrainingOutput:
+                      apply_b_dec_to_input: bool = False, target: torch.Tensor | None = None,
+                      W_skip: torch.Tensor | None = None, target_l0: float | None = None) -> TrainingOutput:
     """The JumpReLU training loss, dense, with autograd through the STE functions.
 
     loss     = mse_loss + l0_loss
-    mse_loss = mean_b ||x_b - x_hat_b||^2              (sum over d_in, mean over tokens)
+    mse_loss = mean_b ||y_b - y_hat_b||^2              (sum over d_out, mean over tokens)
     l0_loss  = l0_coefficient * mean_b sum_j H(pre[b,j] - threshold[j])
     l0       = mean_b |A_b| (detached; the number of nonzero activations)
+
+    An SAE reconstructs its input: y = x, y_hat = acts @ W_dec + b_dec. A transcoder
+    predicts `target` y [..., d_out] from x: y_hat = acts @ W_dec + b_dec (+ x @ W_skip).
+    target_l0: the quadratic L0 loss (Gemma Scope 2) instead,
+    l0_loss = l0_coefficient * mean_b 2 / target_l0 * (sum_j H(pre[b,j] - threshold[j]) - target_l0)^2.
     """
     bw = check_bandwidth(bandwidth)
     d_in = x.shape[-1]
     xf = x.reshape(-1, d_in)
+    yf = xf if target is None else target.reshape(-1, target.shape[-1])
     pre = jumprelu_pre(encoder_input(xf, b_dec, apply_b_dec_to_input), W_enc, b_enc)
     acts = JumpReLUFunction.apply(pre, threshold, bw)
     recon = acts @ W_dec + b_dec
+    if W_skip is not None:
+        recon = recon + xf @ W_skip
     n = max(xf.shape[0], 1)
     acc = torch.promote_types(x.dtype, torch.float32)  # float32, or float64 for float64 checks
-    mse_loss = (recon.to(acc) - xf.to(acc)).pow(2).sum() / n
+    mse_loss = (recon.to(acc) - yf.to(acc)).pow(2).sum() / n
     step = StepFunction.apply(pre, threshold, bw)
     with torch.no_grad():
         active = active_mask(pre, threshold)
         fired = active.any(0)
+    out_shape = x.shape if target is None else target.shape
     return TrainingOutput.assemble(mse_loss=mse_loss, step_sum=step.sum(), l0_coefficient=l0_coefficient,
-                                   active=active.sum(dtype=torch.float32), n=n, reconstruction=recon.reshape(x.shape),
-                                   fired=fired)
+                                   active=active.sum(dtype=torch.float32), n=n, l0_per_token=step.sum(-1),
+                                   target_l0=target_l0, reconstruction=recon.reshape(out_shape), fired=fired,
+                                   acts=_sparse_or_none(acts.detach()))
+
+
+def _sparse_or_none(acts: torch.Tensor) -> SparseActs | None:
+    """The active set as SparseActs; None for a float64 truth (SparseActs holds SAE dtypes only)."""
+    return SparseActs.from_dense(acts) if acts.dtype in FLOAT_DTYPES else None
 
 
 # ---------------------------------------------------------- sparse primitives

@@ -198,6 +198,14 @@ class SparseActs:
         out.scatter_add_(1, self.indices, self.values)
         return out.reshape(self.shape)
 
+    def to_sparse_coo(self) -> torch.Tensor:
+        """The entries as a torch sparse COO tensor [n_tokens, d_sae] (what SAELens's trainer
+        takes as feature activations); no index repeats, coalesce() sorts them if needed."""
+        valid = valid_slots(self.indices, self.counts)
+        rows = torch.arange(self.n_tokens, device=self.indices.device)[:, None].expand_as(self.indices)
+        idx = torch.stack([rows[valid], self.indices[valid]])
+        return torch.sparse_coo_tensor(idx, self.values[valid], (self.n_tokens, self.d_sae), check_invariants=False)
+
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> SparseActs:
         """Move to a device and/or cast values (indices stay int64, counts int32)."""
         if dtype is not None and dtype not in FLOAT_DTYPES:

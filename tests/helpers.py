@@ -373,13 +373,52 @@ STEP_CASES = [(n, mode, apply_b_dec)
 STEP_FEW_CASES = [c for c in STEP_CASES if not c[2]] + [(13, "mixed", True)]
 
 
-def reference_grads(x, params, apply_b_dec):
-    """reference.jumprelu_sae_loss on x and params (a dict of the five tensors) and its
-    gradients by parameter name (x's dtype decides: float64 for the truth, the SAE's for the
-    dense path)."""
+def reference_grads(x, params, apply_b_dec, target=None):
+    """reference.jumprelu_sae_loss on x and params (a dict of the five tensors, and W_skip for
+    a transcoder with a skip connection) and its gradients by parameter name (x's dtype
+    decides: float64 for the truth, the SAE's for the dense path). target: a transcoder's."""
     from sae_fast import reference
 
     ps = {k: v.clone().requires_grad_() for k, v in params.items()}
-    out = reference.jumprelu_sae_loss(x, **ps, apply_b_dec_to_input=apply_b_dec, **STEP_KW)
+    out = reference.jumprelu_sae_loss(x, **ps, apply_b_dec_to_input=apply_b_dec, target=target, **STEP_KW)
     out.loss.backward()
     return out, {k: v.grad for k, v in ps.items()}
+
+
+# A transcoder's case: the exact-pre encoder of the SAE cases, a decoder into D_OUT (odd, unlike
+# d_in), a random target and, in the "skip" cases, a random skip connection.
+STEP_D_OUT = 11
+# (tokens, mode, skip): odd sizes, every/no feature active, one token, zero tokens
+TRANSCODER_CASES = [(n, mode, skip)
+                    for n, mode in [(13, "mixed"), (13, "all"), (13, "none"), (1, "mixed"), (0, "mixed")]
+                    for skip in (False, True)]
+TRANSCODER_FEW_CASES = [c for c in TRANSCODER_CASES if c[2]] + [(13, "mixed", False)]
+
+
+def transcoder_case(n, dtype, mode, skip):
+    """(x, params, target): exact_pre_case's x and encoder, W_dec [d_sae, STEP_D_OUT], b_dec,
+    W_skip [d_in, STEP_D_OUT] with skip, target [n, STEP_D_OUT]; all in dtype (threshold float32)."""
+    x, p = exact_pre_case(n, STEP_D_IN, STEP_D_SAE, dtype, mode)
+    W_dec = torch.randn(STEP_D_SAE, STEP_D_OUT)
+    p["W_dec"] = (W_dec / W_dec.norm(dim=1, keepdim=True)).to(dtype)
+    p["b_dec"] = (0.1 * torch.randn(STEP_D_OUT)).to(dtype)
+    if skip:
+        p["W_skip"] = (0.2 * torch.randn(STEP_D_IN, STEP_D_OUT)).to(dtype)
+    return x, p, torch.randn(n, STEP_D_OUT).to(dtype)
+
+
+# ------------------------------------------------------------- tiny language models
+def write_word_tokenizer(d, text: str) -> dict:
+    """A word-level Hugging Face tokenizer over the words of `text` (plus <pad>, <bos>, <eos>,
+    <unk> as ids 0-3), saved to directory d; returns its vocabulary. With a tiny model saved
+    next to it (save_pretrained(d)), AutoTokenizer / AutoModelForCausalLM load d offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = sorted(set(text.split()))
+    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2, "<unk>": 3, **{w: i + 4 for i, w in enumerate(words)}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>",
+                            pad_token="<pad>").save_pretrained(d)
+    return vocab

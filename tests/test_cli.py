@@ -2,7 +2,7 @@ import subprocess
 import sys
 
 import sae_fast
-from sae_fast.cli import main
+from sae_fast.cli import build_parser, main, train_config_from_args
 
 
 def test_info_function_reports_backends(capsys):
@@ -24,3 +24,13 @@ def test_cli_info(capsys):
 def test_console_script_runs():
     out = subprocess.run([sys.executable, "-m", "sae_fast", "info"], capture_output=True, text=True, check=True)
     assert "backends on cpu" in out.stdout
+
+
+def test_cli_parses_transcoder_flags(tmp_path):
+    args = build_parser().parse_args(["train", "--model", "m", "--transcoder", "--affine-skip", "--out", str(tmp_path)])
+    cfg = train_config_from_args(args).validate()
+    assert cfg.transcoder and cfg.affine_skip and cfg.site == "resid"
+    plain = train_config_from_args(build_parser().parse_args(["train", "--model", "m"]))
+    assert not plain.transcoder and not plain.affine_skip
+    help_text = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
+    assert "--transcoder" in help_text and "--affine-skip" in help_text

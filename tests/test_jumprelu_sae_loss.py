@@ -15,8 +15,9 @@ import torch
 import sae_fast
 from sae_fast import reference, step
 
-from helpers import (DTYPES, STEP_CASES, STEP_D_IN, STEP_D_SAE, STEP_FEW_CASES, STEP_KW, assert_close_as_dense,
-                     dtype_id, exact_pre_case, impl_cases, impls, make_params)
+from helpers import (DTYPES, STEP_CASES, STEP_D_IN, STEP_D_OUT, STEP_D_SAE, STEP_FEW_CASES, STEP_KW, TRANSCODER_CASES,
+                     TRANSCODER_FEW_CASES, assert_close_as_dense, dtype_id, exact_pre_case, impl_cases, impls,
+                     make_params, reference_grads, transcoder_case)
 
 
 def _loss(impl, x, params, apply_b_dec, **kw):
@@ -64,6 +65,108 @@ def test_matches_reference(impl, n, mode, apply_b_dec, dtype):
     assert_close_as_dense(gx, tx, dx, what="grad x")
     if n > 1 and mode == "mixed":
         assert gg["threshold"].abs().sum() > 0  # the band is exercised
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("impl,n,mode", impl_cases([c[:2] for c in STEP_CASES if not c[2]], [(13, "mixed")]))
+def test_active_set_output(impl, n, mode, dtype):
+    # TrainingOutput.acts: exactly the dense path's nonzero activations, as SparseActs
+    x, p = exact_pre_case(n, STEP_D_IN, STEP_D_SAE, dtype, mode)
+    got, _, _ = _loss(impl, x, p, False)
+    want = reference.jumprelu_encode(x, p["W_enc"], p["b_enc"], p["threshold"])
+    assert got.acts.values.dtype == dtype and got.acts.d_sae == STEP_D_SAE
+    assert torch.equal(got.acts.cpu().to_dense(), want)
+    assert torch.equal(got.acts.cpu().to_sparse_coo().to_dense(), want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("impl,n,mode", impl_cases([c[:2] for c in STEP_CASES if not c[2]], [(13, "mixed")]))
+def test_quadratic_l0_loss_matches_reference(impl, n, mode, dtype):
+    """Gemma Scope 2's quadratic L0 loss (target_l0): the loss and every gradient, the
+    threshold's per-token weighted band sum included, as close to the float64 truth as the
+    dense path."""
+    x, p = exact_pre_case(n, STEP_D_IN, STEP_D_SAE, dtype, mode)
+    kw = dict(STEP_KW, target_l0=5.0)
+    got, gg, _ = _loss(impl, x, p, False, **kw)
+    ps = {k: v.double().requires_grad_() for k, v in p.items()}
+    truth = reference.jumprelu_sae_loss(x.double(), **ps, **kw)
+    truth.loss.backward()
+    pd = {k: v.clone().requires_grad_() for k, v in p.items()}
+    dense = reference.jumprelu_sae_loss(x, **pd, **kw)
+    dense.loss.backward()
+    l0_tok = (reference.jumprelu_pre(x.double(), ps["W_enc"], ps["b_enc"]) > ps["threshold"]).sum(-1).double()
+    want = 0.3 * (2 / 5.0) * (l0_tok - 5.0).pow(2).sum() / max(n, 1)
+    assert truth.l0_loss.item() == pytest.approx(want.item())
+    assert got.l0_loss.item() == pytest.approx(want.item(), rel=1e-6)
+    for k in gg:
+        assert_close_as_dense(gg[k], ps[k].grad, pd[k].grad, what=f"grad {k}")
+    if n > 1 and mode == "mixed":
+        assert gg["threshold"].abs().sum() > 0
+
+
+@pytest.mark.parametrize("impl", impls(where=lambda i: i.backend.loss is None))
+def test_quadratic_l0_loss_needs_nonnegative_thresholds_on_sparse_steps(impl):
+    # the sparse step counts each token's L0 as its active count: exact only for threshold >= 0
+    x, p = exact_pre_case(5, STEP_D_IN, STEP_D_SAE, torch.float32, "mixed")
+    p["threshold"][3] = -0.5
+    with pytest.raises(ValueError, match="target_l0 .* needs every threshold >= 0"):
+        _loss(impl, x, p, False, **STEP_KW, target_l0=5.0)
+    with pytest.raises(ValueError, match=r"target_l0 must be in \(0, d_sae=45\], got 0"):
+        sae_fast.jumprelu_sae_loss(x, **p, **STEP_KW, target_l0=0)
+
+
+# ------------------------------------------------------------------ transcoders
+def _transcoder_loss(impl, x, params, target):
+    xin = x.to(impl.device).clone().requires_grad_()
+    ps = {k: v.to(impl.device).clone().requires_grad_() for k, v in params.items()}
+    y = target.to(impl.device)
+    if impl.selectable:
+        out = sae_fast.jumprelu_sae_loss(xin, **ps, target=y, backend=impl.name, **STEP_KW)
+    else:
+        out = step.loss(impl.backend, xin, step.SAEParams(**ps), target=y, **STEP_KW)
+    out.loss.backward()
+    return out, {k: v.grad.cpu() for k, v in ps.items()}, xin.grad.cpu()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("impl,n,mode,skip", impl_cases(TRANSCODER_CASES, TRANSCODER_FEW_CASES))
+def test_transcoder_matches_reference(impl, n, mode, skip, dtype):
+    """A transcoder's loss: mse against a target in d_out (odd, unlike d_in), the decoder and
+    skip connection into d_out; every gradient (W_skip and x included) as close to the float64
+    truth as the dense path in the same dtype."""
+    x, p, y = transcoder_case(n, dtype, mode, skip)
+    got, gg, gx = _transcoder_loss(impl, x, p, y)
+    xt = x.double().requires_grad_()
+    truth, tg = reference_grads(xt, {k: v.double() for k, v in p.items()}, False, target=y.double())
+    xd = x.clone().requires_grad_()
+    dense, dg = reference_grads(xd, p, False, target=y)
+    assert got.reconstruction.shape == (n, STEP_D_OUT)
+    assert got.l0.item() == truth.l0.item() and got.l0_loss.item() == pytest.approx(truth.l0_loss.item())
+    assert_close_as_dense(got.reconstruction.detach().cpu(), truth.reconstruction, dense.reconstruction.detach(),
+                          what="prediction")
+    assert_close_as_dense(got.mse_loss.detach().cpu(), truth.mse_loss, dense.mse_loss.detach(), what="mse",
+                          ulp_dtype=dtype)
+    assert set(gg) == set(p)
+    for k in gg:
+        assert_close_as_dense(gg[k], tg[k], dg[k], what=f"grad {k}")
+    assert_close_as_dense(gx, xt.grad, xd.grad, what="grad x")
+
+
+def test_transcoder_argument_errors():
+    x, p, y = transcoder_case(3, torch.float32, "mixed", True)
+    kw = dict(STEP_KW)
+    with pytest.raises(ValueError, match="W_skip .* needs a target"):
+        sae_fast.jumprelu_sae_loss(x, **{**p, "W_dec": torch.randn(STEP_D_SAE, STEP_D_IN), "b_dec": x[0]}, **kw)
+    with pytest.raises(ValueError, match=r"target must have last dimension d_out=11, got shape \[3, 4\]"):
+        sae_fast.jumprelu_sae_loss(x, **p, target=y[:, :4], **kw)
+    with pytest.raises(ValueError, match=r"target must have x's leading \(token\) shape \[3\]"):
+        sae_fast.jumprelu_sae_loss(x, **p, target=y[:2], **kw)
+    with pytest.raises(ValueError, match=r"W_skip must have shape \[17, 11\], got \[11, 17\]"):
+        sae_fast.jumprelu_sae_loss(x, **{**p, "W_skip": p["W_skip"].t()}, target=y, **kw)
+    with pytest.raises(TypeError, match="target has dtype torch.float16 but the SAE weights are torch.float32"):
+        sae_fast.jumprelu_sae_loss(x, **p, target=y.half(), **kw)
+    with pytest.raises(ValueError, match=r"b_dec must have shape \[17\], got \[11\]"):  # b_dec can't apply to x
+        sae_fast.jumprelu_sae_loss(x, **p, target=y, apply_b_dec_to_input=True, **kw)
 
 
 # ------------------------------------------------------ hand-computed gradients

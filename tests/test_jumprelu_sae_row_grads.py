@@ -16,9 +16,9 @@ import sae_fast
 from sae_fast import reference, step
 from sae_fast.step import touched_features
 
-from helpers import (ALL, DTYPES, EXACT_BANDWIDTH, STEP_CASES, STEP_D_IN, STEP_D_SAE, STEP_FEW_CASES, STEP_KW,
-                     assert_close_as_dense, deterministic_mode, dtype_id, exact_pre_case, impl_cases, impls,
-                     reference_grads)
+from helpers import (ALL, DTYPES, EXACT_BANDWIDTH, STEP_CASES, STEP_D_IN, STEP_D_OUT, STEP_D_SAE, STEP_FEW_CASES,
+                     STEP_KW, TRANSCODER_CASES, TRANSCODER_FEW_CASES, assert_close_as_dense, deterministic_mode,
+                     dtype_id, exact_pre_case, impl_cases, impls, reference_grads, transcoder_case)
 
 
 def _sae(params, apply_b_dec, backend="torch", device="cpu"):
@@ -108,6 +108,82 @@ def test_row_grads_are_the_autograd_gradients_compacted(impl, apply_b_dec):
             torch.testing.assert_close(full[k], prm.grad, rtol=1e-5, atol=1e-6)
         else:
             assert torch.equal(full[k], prm.grad), k
+
+
+@pytest.mark.parametrize("impl,dense,n,mode,apply_b_dec", [p for p in PATHS if not p.values[4]])
+def test_quadratic_l0_row_grads_match_reference(impl, dense, n, mode, apply_b_dec):
+    # Gemma Scope 2's quadratic L0 loss on the row-grads step (sparse on every implementation, dense once)
+    x, p = exact_pre_case(n, STEP_D_IN, STEP_D_SAE, torch.float32, mode)
+    kw = dict(STEP_KW, target_l0=4.0)
+    if impl.selectable:
+        out, g = _sae(p, False, impl.name, impl.device).training_row_grads(impl.to(x), dense=dense, **kw)
+    else:
+        sp = step.SAEParams(**{k: impl.to(v) for k, v in p.items()})
+        out, g = step.row_grads(impl.backend, impl.to(x), sp, dense=dense, **kw)
+    ps = {k: v.double().requires_grad_() for k, v in p.items()}
+    truth = reference.jumprelu_sae_loss(x.double(), **ps, **kw)
+    truth.loss.backward()
+    pd = {k: v.clone().requires_grad_() for k, v in p.items()}
+    dense_path = reference.jumprelu_sae_loss(x, **pd, **kw)
+    dense_path.loss.backward()
+    assert out.l0_loss.item() == pytest.approx(truth.l0_loss.item(), rel=1e-6)
+    full = g.full_size(STEP_D_SAE)
+    for k in full:
+        assert_close_as_dense(full[k].cpu(), ps[k].grad, pd[k].grad, what=f"{impl.name} row grad {k}")
+
+
+# ------------------------------------------------------------------ transcoders
+TRANSCODER_PATHS = [
+    pytest.param(p.values[0], False, *p.values[1:], id=p.id, marks=p.marks)
+    for p in impl_cases(TRANSCODER_CASES, TRANSCODER_FEW_CASES)
+]
+TRANSCODER_PATHS += [
+    pytest.param(i, True, *case, id="-".join(map(str, ["torch-dense", *case]))) for i in ALL if i.name == "torch"
+    for case in TRANSCODER_CASES
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("impl,dense,n,mode,skip", TRANSCODER_PATHS)
+def test_transcoder_row_grads_match_reference(impl, dense, dtype, n, mode, skip):
+    """A transcoder's row-grads step (target in d_out, optional skip connection): through
+    JumpReLUTranscoder.training_row_grads where the backend is selectable; W_skip's gradient
+    is dense (RowGrads.W_skip), the rest compact, all as close to the float64 truth as the
+    dense path."""
+    x, p, y = transcoder_case(n, dtype, mode, skip)
+    if impl.selectable:
+        tc = sae_fast.JumpReLUTranscoder.from_params({k: impl.to(v) for k, v in p.items()}, backend=impl.name)
+        out, g = tc.training_row_grads(impl.to(x), impl.to(y), dense=dense, **STEP_KW)
+        assert all(prm.grad is None for prm in tc.parameters())
+    else:
+        sp = step.SAEParams(**{k: impl.to(v) for k, v in p.items()})
+        out, g = step.row_grads(impl.backend, impl.to(x), sp, dense=dense, target=impl.to(y), **STEP_KW)
+    truth, tg = reference_grads(x.double(), {k: v.double() for k, v in p.items()}, False, target=y.double())
+    dense_path, dg = reference_grads(x, p, False, target=y)
+    assert g.W_dec.shape[1] == STEP_D_OUT and (g.W_skip is not None) == skip
+    assert out.reconstruction.shape == (n, STEP_D_OUT) and out.l0.item() == truth.l0.item()
+    assert_close_as_dense(out.mse_loss.cpu(), truth.mse_loss, dense_path.mse_loss, what="mse", ulp_dtype=dtype)
+    full = g.full_size(STEP_D_SAE)
+    assert set(full) == set(p)
+    for k in full:
+        assert_close_as_dense(full[k].cpu(), tg[k], dg[k], what=f"{impl.name} row grad {k}")
+
+
+def test_transcoder_row_grads_train_with_sparse_adam():
+    # the skip connection is one dense row of the row-sparse Adam; the step lowers the loss
+    x, p, y = transcoder_case(64, torch.float32, "mixed", True)
+    tc = sae_fast.JumpReLUTranscoder.from_params(p, backend="torch")
+    opt = sae_fast.SparseAdamB1Zero.for_sae(tc, lr=1e-2)
+    assert "W_skip" in opt.sae_params
+    first = None
+    for _ in range(20):
+        out, g = tc.training_row_grads(x, y, **STEP_KW)
+        first = first if first is not None else out.mse_loss.item()
+        opt.step_rows(g)
+    assert out.mse_loss.item() < 0.8 * first
+    sae_opt = sae_fast.SparseAdamB1Zero.for_sae(sae_fast.JumpReLUSAE(STEP_D_IN, STEP_D_SAE))
+    with pytest.raises(ValueError, match="disagree on W_skip"):
+        sae_opt.step_rows(g)
 
 
 def test_touched_features_and_grad_norm():

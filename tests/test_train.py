@@ -1,4 +1,4 @@
-"""The training pipeline: tiny Gemma 2 from a config, synthetic activations, resume, eval, CLI."""
+"""The training pipeline: tiny Gemma 2/3 from a config, synthetic activations, resume, eval, CLI, transcoders."""
 
 import json
 import os
@@ -6,10 +6,13 @@ import os
 import pytest
 import torch
 
-from sae_fast import JumpReLUSAE
+from sae_fast import JumpReLUSAE, JumpReLUTranscoder
 from sae_fast.cli import build_parser, main, train_config_from_args
-from sae_fast.train import CheckpointError, SyntheticActivationSource, TrainConfig, Trainer, evaluate, train
-from sae_fast.train.data import ModelActivations, TokenStream, iter_documents, load_model
+from sae_fast.train import (CheckpointError, SyntheticActivationSource, SyntheticTranscoderSource, TrainConfig, Trainer,
+                            evaluate, evaluate_transcoder, train)
+from sae_fast.train.data import ModelActivations, ModelTranscoderActivations, TokenStream, iter_documents, load_model
+
+from helpers import write_word_tokenizer
 
 transformers = pytest.importorskip("transformers")
 TEXT = ("the quick brown fox jumps over the lazy dog while a small cat sleeps in the warm sun and "
@@ -19,16 +22,10 @@ TEXT = ("the quick brown fox jumps over the lazy dog while a small cat sleeps in
 @pytest.fixture(scope="module")
 def tiny_gemma2(tmp_path_factory):
     """A randomly initialised Gemma2ForCausalLM and a word-level tokenizer, written to disk."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import Gemma2Config, Gemma2ForCausalLM, PreTrainedTokenizerFast
+    from transformers import Gemma2Config, Gemma2ForCausalLM
 
     d = tmp_path_factory.mktemp("tiny_gemma2")
-    words = sorted(set(TEXT.split()))
-    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2, "<unk>": 3, **{w: i + 4 for i, w in enumerate(words)}}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>",
-                            pad_token="<pad>").save_pretrained(d)
+    vocab = write_word_tokenizer(d, TEXT)
     cfg = Gemma2Config(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                        num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=128,
                        pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -116,6 +113,20 @@ def test_loss_and_l0_fall_on_structured_activations(tmp_path):
     assert mean(last, "mse") < 0.5 * mean(first, "mse")
     assert mean(last, "l0") < 0.5 * mean(first, "l0")
     assert res["fvu"] < 0.5 and res["dead_frac"] < 0.5
+
+
+def test_quadratic_l0_loss_steers_l0_to_its_target(tmp_path):
+    # Gemma Scope 2's quadratic L0 loss: the mean L0 settles near target_l0 (from ~half the
+    # features at the threshold init), and the threshold stays >= 0
+    res = train(
+        small_cfg(tmp_path, tokens=64 * 150, threshold_init=0.001, l0_coefficient=0.02, l0_loss="quadratic",
+                  target_l0=8.0), source=_synthetic(), d_in=24)
+    log = [json.loads(line) for line in open(tmp_path / "train_log.jsonl")]
+    assert log[0]["l0"] > 20
+    assert 4 < sum(r["l0"] for r in log[-10:]) / 10 < 14
+    assert res["target_l0"] == 8.0
+    with pytest.raises(ValueError, match="--l0-loss quadratic needs --target-l0"):
+        small_cfg(tmp_path, l0_loss="quadratic").validate()
 
 
 def _run_steps(cfg, n, trainer=None):
@@ -274,3 +285,257 @@ def test_saved_dataset_and_directory_sources(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="holds no .txt/.md/.text files"):
         list(iter_documents([str(tmp_path / "empty")], None, "train", "text"))
+
+
+# ------------------------------------------------------------------ transcoders
+@pytest.fixture(scope="module")
+def tiny_gemma3(tmp_path_factory):
+    """A randomly initialised Gemma3ForCausalLM (Gemma Scope 2's architecture) and a word-level
+    tokenizer, written to disk."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    d = tmp_path_factory.mktemp("tiny_gemma3")
+    vocab = write_word_tokenizer(d, TEXT)
+    cfg = Gemma3TextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                           num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=128,
+                           sliding_window=8, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    Gemma3ForCausalLM(cfg).save_pretrained(d)
+    (d / "text").mkdir()
+    (d / "text" / "a.txt").write_text(TEXT)
+    return d
+
+
+def _pairs(seed=0, skip=0.0):
+    return SyntheticTranscoderSource(d_in=24, d_out=20, n_features=96, l0=4, chunk_tokens=256, seed=seed, skip=skip)
+
+
+def _tc_cfg(out, **kw):
+    return small_cfg(out, transcoder=True, **kw)
+
+
+def _run_tc(cfg, n, trainer=None, skip=0.0):
+    t = trainer or Trainer(cfg, _pairs(skip=skip), 24, d_out=20, device=torch.device("cpu"))
+    recs = []
+    while t.step < n:
+        recs.append(t.train_step())
+    return t, recs
+
+
+@pytest.mark.parametrize("affine_skip", [False, True])
+@pytest.mark.parametrize("optimizer", ["sparse-adam", "adam"])
+def test_transcoder_loss_falls_on_paired_activations(tmp_path, optimizer, affine_skip):
+    # y is x's sparse code through a second dictionary plus a dense linear map of x: the
+    # dictionary learns the code, the skip connection (where there is one) the linear part
+    cfg = _tc_cfg(tmp_path, tokens=64 * 80, optimizer=optimizer, affine_skip=affine_skip)
+    t, recs = _run_tc(cfg, 80, skip=1.0)
+    assert isinstance(t.sae, JumpReLUTranscoder) and t.sae.affine_skip == affine_skip
+    assert (t.sae.d_in, t.sae.d_out) == (24, 20)
+    mean = lambda rows, k: sum(r[k] for r in rows) / len(rows)  # noqa: E731
+    assert mean(recs[-10:], "mse") < 0.35 * mean(recs[:5], "mse")
+    assert mean(recs[-10:], "fvu") < (0.6 if affine_skip else 0.7)
+    if affine_skip:
+        assert t.sae.W_skip.abs().sum() > 0  # the skip connection was trained
+    torch.testing.assert_close(t.sae.W_dec.norm(dim=1), torch.ones(64))
+
+
+def test_transcoder_sparse_adam_matches_adam(tmp_path):
+    # as test_sparse_adam_trainer_matches_adam_and_resumes_exactly, with the skip connection
+    kw = dict(tokens=64 * 8, threshold_init=0.5, l0_coefficient=0.01, adam_eps=1e-4, affine_skip=True)
+    dense, _ = _run_tc(_tc_cfg(tmp_path, optimizer="adam", **kw), 8, skip=1.0)
+    sparse, _ = _run_tc(_tc_cfg(tmp_path, **kw), 8, skip=1.0)
+    assert sparse.optimizer == "sparse-adam"
+    for (n, a), b in zip(dense.sae.named_parameters(), sparse.sae.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_transcoder_capture_gemma3_is_the_mlp_in_and_out(tiny_gemma3):
+    model, tok = load_model(str(tiny_gemma3), torch.device("cpu"), torch.float32)
+    ids = TokenStream(tok, lambda: iter_documents([str(tiny_gemma3 / "text")], None, "train", "text"), 10).next(3)
+    acts = ModelTranscoderActivations(model, tok, 1)
+    assert acts.hook_points == {
+        "in": "model.layers.1.pre_feedforward_layernorm.output",
+        "out": "model.layers.1.post_feedforward_layernorm.output"
+    }
+    layer2_ran = []
+    h = model.model.layers[2].register_forward_hook(lambda *a: layer2_ran.append(1))
+    try:
+        xy = acts(ids)
+    finally:
+        h.remove()
+    assert xy.shape == (3 * 9, 64) and not layer2_ran  # BOS dropped; the forward stopped in layer 1
+    # independent hooks on a full forward (dict.update returns None: the hooks change nothing)
+    seen = {}
+    blk = model.model.layers[1]
+    hs = [
+        blk.pre_feedforward_layernorm.register_forward_hook(lambda m, i, o: seen.update(x=o)),
+        blk.post_feedforward_layernorm.register_forward_hook(lambda m, i, o: seen.update(y=o)),
+        blk.mlp.register_forward_hook(lambda m, i, o: seen.update(mlp_in=i[0]))
+    ]
+    try:
+        model(ids)
+    finally:
+        for h in hs:
+            h.remove()
+    torch.testing.assert_close(seen["x"], seen["mlp_in"], rtol=0, atol=0)  # the pre-norm's output feeds the MLP
+    torch.testing.assert_close(xy[:, :32], seen["x"][:, 1:].reshape(-1, 32), rtol=0, atol=0)
+    torch.testing.assert_close(xy[:, 32:], seen["y"][:, 1:].reshape(-1, 32), rtol=0, atol=0)
+
+
+def test_transcoder_capture_llama_style_reads_the_mlp_module():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(
+        LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                    num_key_value_heads=1, head_dim=16, max_position_embeddings=64, bos_token_id=1)).eval()
+    tok = type("Tok", (), {"bos_token_id": 1})()
+    ids = torch.randint(4, 40, (2, 9))
+    ids[:, 0] = 1
+    acts = ModelTranscoderActivations(model, tok, 0)
+    assert acts.hook_points == {"in": "model.layers.0.mlp.input", "out": "model.layers.0.mlp.output"}
+    xy = acts(ids)
+    seen = {}
+    h = model.model.layers[0].mlp.register_forward_hook(lambda m, i, o: seen.update(x=i[0], y=o))
+    try:
+        with torch.no_grad():
+            model(ids)
+    finally:
+        h.remove()
+    torch.testing.assert_close(xy, torch.cat([seen["x"], seen["y"]], -1)[:, 1:].reshape(-1, 64), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("affine_skip", [False, True])
+def test_folded_transcoder_maps_raw_x_to_raw_y(tmp_path, affine_skip):
+    t, _ = _run_tc(_tc_cfg(tmp_path, tokens=64 * 10, affine_skip=affine_skip), 10, skip=1.0)
+    assert t.scale != t.scale_out  # x and y are normalised apart
+    raw = t.buffer.peek()[:50].float()
+    x, y = raw[:, :24], raw[:, 24:]
+    folded = t.folded_sae()
+    assert isinstance(folded, JumpReLUTranscoder) and folded.affine_skip == affine_skip
+    with torch.no_grad():
+        want = t.sae(x * t.scale) / t.scale_out
+        torch.testing.assert_close(folded(x), want, rtol=1e-4, atol=1e-5)
+        assert torch.equal(folded.encode(x) != 0, t.sae.encode(x * t.scale) != 0)
+        # FVU does not depend on the target's scale: the folded transcoder's on raw pairs is the
+        # normalised one's on normalised pairs
+        fvu = lambda pred, tgt: (pred - tgt).pow(2).sum() / (tgt - tgt.mean(0)).pow(2).sum()  # noqa: E731
+        torch.testing.assert_close(fvu(folded(x), y), fvu(t.sae(x * t.scale), y * t.scale_out), rtol=1e-4, atol=0)
+    md = folded.metadata
+    assert md["hf_hook_point_in"] == "model.layers.6.pre_feedforward_layernorm.output"
+    assert md["hf_hook_point_out"] == "model.layers.6.post_feedforward_layernorm.output"
+    assert (md["normalization_scale_folded"], md["normalization_scale_out_folded"]) == (t.scale, t.scale_out)
+
+
+@pytest.mark.parametrize("optimizer", ["sparse-adam", "adam"])
+def test_transcoder_resume_is_exact(tmp_path, optimizer):
+    # as test_resume_is_exact: the uninterrupted run writes its checkpoint at step 13 too
+    cfg = _tc_cfg(tmp_path, tokens=64 * 30, affine_skip=True, optimizer=optimizer)
+    straight, _ = _run_tc(cfg, 13, skip=1.0)
+    straight.save_checkpoint(str(tmp_path / "straight_13"))
+    _run_tc(cfg, 30, straight)
+    first, _ = _run_tc(cfg, 13, skip=1.0)
+    ckpt = first.save_checkpoint(str(tmp_path / "checkpoints" / "step_000000013"))
+    resumed = Trainer(cfg, _pairs(skip=1.0), 24, d_out=20, device=torch.device("cpu"))
+    resumed.load_checkpoint(ckpt)
+    assert (resumed.step, resumed.scale, resumed.scale_out) == (13, first.scale, first.scale_out)
+    _run_tc(cfg, 30, resumed)
+    names = [n for n, _ in straight.sae.named_parameters()]
+    assert names[-1] == "W_skip"
+    for (n, a), b in zip(straight.sae.named_parameters(), resumed.sae.parameters()):
+        assert torch.equal(a, b), n
+    assert torch.equal(straight.last_fired, resumed.last_fired)
+    # an SAE run does not resume a transcoder checkpoint
+    sae_run = Trainer(small_cfg(tmp_path, tokens=64 * 30, optimizer=optimizer), _synthetic(), 24,
+                      device=torch.device("cpu"))
+    with pytest.raises(CheckpointError, match="transcoder: checkpoint True vs this run False"):
+        sae_run.load_checkpoint(ckpt)
+
+
+def test_transcoder_config_errors_name_the_flag(tmp_path, capsys):
+    with pytest.raises(ValueError, match="--affine-skip needs --transcoder"):
+        small_cfg(tmp_path, affine_skip=True).validate()
+    with pytest.raises(ValueError, match="--apply-b-dec-to-input does not apply to --transcoder"):
+        _tc_cfg(tmp_path, apply_b_dec_to_input=True).validate()
+    with pytest.raises(ValueError, match="--site is not used with --transcoder"):
+        _tc_cfg(tmp_path, site="mlp").validate()
+    bad = {
+        "--affine-skip": "--affine-skip needs --transcoder",
+        "--transcoder --site attn": "--site is not used with --transcoder",
+        "--transcoder --apply-b-dec-to-input": "--apply-b-dec-to-input does not apply"
+    }
+    for argv, msg in bad.items():
+        with pytest.raises(SystemExit) as e:
+            main(["train", "--model", "m", *argv.split()])
+        assert e.value.code == 2 and msg in capsys.readouterr().err
+    # a source of SAE activations (no targets) is caught before the first step
+    t = Trainer(_tc_cfg(tmp_path), _synthetic(), 24, device=torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"rows of width 24, expected d_in \+ d_out = 24 \+ 24"):
+        t.train_step()
+
+
+class _ExactMLP(JumpReLUTranscoder):
+    """A 'transcoder' whose prediction is the real MLP branch of a Gemma 3 layer (post-norm of
+    the MLP of the pre-norm's output): splicing it in must change nothing."""
+
+    def __init__(self, blk):
+        super().__init__(32, 8, 32, backend="torch")
+        self.blk = blk
+
+    def forward(self, x):
+        # .forward: the evaluation's hooks on these modules must not fire inside the prediction
+        return self.blk.post_feedforward_layernorm.forward(self.blk.mlp.forward(x))
+
+
+def test_transcoder_evaluation_exact_and_broken(tiny_gemma3):
+    model, tok = load_model(str(tiny_gemma3), torch.device("cpu"), torch.float32)
+    ctx = TokenStream(tok, lambda: iter_documents([str(tiny_gemma3 / "text")], None, "train", "text"), 12).next(4)
+    r = evaluate(_ExactMLP(model.model.layers[1]), model, tok, 1, "resid", ctx)
+    assert r["eval_fvu"] < 1e-10 and abs(r["delta_loss"]) < 1e-5 and r["eval_tokens"] == 4 * 11
+    # nothing fires, no skip, b_dec = 0: the prediction is 0 at every non-BOS position, so the
+    # spliced loss is the loss with the MLP output zeroed there (computed independently)
+    zero = JumpReLUTranscoder(32, 8, 32, backend="torch")
+    with torch.no_grad():
+        zero.threshold.fill_(1e6)
+    r = evaluate_transcoder(zero, model, tok, 1, ctx)
+    keep = (ctx != tok.bos_token_id).unsqueeze(-1)
+    h = model.model.layers[1].post_feedforward_layernorm.register_forward_hook(lambda m, i, o: o * ~keep)
+    try:
+        with torch.no_grad():
+            want = model(ctx, labels=ctx).loss.item()
+    finally:
+        h.remove()
+    assert r["eval_l0"] == 0 and r["eval_fvu"] >= 1.0 and abs(r["delta_loss"]) > 1e-4
+    assert r["spliced_loss"] == pytest.approx(want, abs=1e-6)
+
+
+def test_transcoder_train_end_to_end(tiny_gemma3, tmp_path):
+    cfg = _tc_cfg(tmp_path / "run", model=str(tiny_gemma3), layer=1, data=[str(tiny_gemma3 / "text")], affine_skip=True,
+                  tokens=64 * 20)
+    res = train(cfg)
+    metrics = json.load(open(tmp_path / "run" / "metrics.json"))
+    assert metrics["kind"] == "transcoder" and metrics["affine_skip"] is True
+    assert metrics["sae_path"] == res["sae_path"] and os.path.isdir(res["sae_path"])
+    assert metrics["hook_point_in"] == "model.layers.1.pre_feedforward_layernorm.output"
+    assert metrics["hook_point_out"] == "model.layers.1.post_feedforward_layernorm.output"
+    for k in ("eval_l0", "eval_fvu", "clean_loss", "spliced_loss", "delta_loss", "mse", "fvu", "l0",
+              "normalization_scale", "normalization_scale_out"):
+        assert metrics[k] is not None and metrics[k] == metrics[k], k
+    assert metrics["eval_tokens"] == 4 * 15
+    tc = JumpReLUTranscoder.from_pretrained(res["sae_path"])
+    assert (tc.d_in, tc.d_sae, tc.d_out, tc.affine_skip) == (32, 64, 32, True)
+    assert tc.metadata["hf_hook_point_out"] == "model.layers.1.post_feedforward_layernorm.output"
+
+
+def test_transcoder_train_resume_flag_continues_to_the_same_weights(tmp_path):
+    kw = dict(tokens=64 * 24, checkpoint_every=10, affine_skip=True)
+    a = train(_tc_cfg(tmp_path / "a", **kw), source=_pairs(skip=1.0), d_in=24, d_out=20)
+    part = _tc_cfg(tmp_path / "b", **kw)
+    t, _ = _run_tc(part, 10, skip=1.0)
+    t.save_checkpoint(str(tmp_path / "b" / "checkpoints" / "step_000000010"))
+    b = train(part, source=_pairs(skip=1.0), d_in=24, d_out=20, resume=True)
+    assert a["kind"] == b["kind"] == "transcoder" and b["steps"] == 24
+    assert a["hook_point_in"] == "model.layers.6.pre_feedforward_layernorm.output"  # Gemma Scope 2's, by default
+    ta, tb = JumpReLUTranscoder.from_pretrained(a["sae_path"]), JumpReLUTranscoder.from_pretrained(b["sae_path"])
+    for (n, x), y in zip(ta.named_parameters(), tb.parameters()):
+        assert torch.equal(x, y), n

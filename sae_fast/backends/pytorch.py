@@ -28,9 +28,10 @@ def _encode_sparse(x, W_enc, b_enc, threshold):
     return sp.indices, sp.values, sp.counts
 
 
-def _loss(x, p: SAEParams, *, l0_coefficient, bandwidth):
+def _loss(x, p: SAEParams, *, l0_coefficient, bandwidth, target=None, target_l0=None):
     return reference.jumprelu_sae_loss(x, *p.tensors(), l0_coefficient=l0_coefficient, bandwidth=bandwidth,
-                                       apply_b_dec_to_input=p.apply_b_dec_to_input)
+                                       apply_b_dec_to_input=p.apply_b_dec_to_input, target=target, W_skip=p.W_skip,
+                                       target_l0=target_l0)
 
 
 def _backend() -> Backend:

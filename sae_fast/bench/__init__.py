@@ -226,7 +226,7 @@ def main(args) -> int:
         reps, warmup = args.reps or 20, 3
     if args.quick and args.d_sae:
         d_saes = args.d_sae
-    names = args.contenders or (["dense", "compile", "saelens", "triton", "cuda", "cpu"])
+    names = args.contenders or (["dense", "compile", "saelens", "saelens-fast", "triton", "cuda", "cpu"])
     shapes = [Shape(d, s, tokens, l0, dt) for dt in dtypes for d in d_ins for l0 in l0s for s in d_saes]
     rec = run(shapes, args.ops or list(OPS), names, device, reps=reps, warmup=warmup, quick=args.quick,
               log=lambda m: print(m, file=sys.stderr, flush=True))

@@ -1,6 +1,6 @@
 """What `sae-fast bench` times: workloads (realistic activations and SAE parameters of a
-chosen L0) and the contenders (dense PyTorch eager and torch.compile, SAELens, sae_fast
-on each backend), each exposing the same ops."""
+chosen L0) and the contenders (dense PyTorch eager and torch.compile, SAELens, SAELens on
+sae_fast's kernels ("jumprelu_fast"), sae_fast on each backend), each exposing the same ops."""
 
 from __future__ import annotations
 
@@ -127,19 +127,20 @@ class SAEFast:
 
 
 class SAELensJumpReLU:
-    """SAELens's JumpReLUSAE (inference) and JumpReLUTrainingSAE with its own
-    training_forward_pass (training step), given the same parameters."""
+    """SAELens's JumpReLUSAE (inference) and JumpReLUTrainingSAE trained by SAELens's own
+    SAETrainer.step (training_forward_pass, backward, gradient clipping, Adam, schedulers and
+    its firing statistics), given the same parameters. With fast=True the same two objects
+    accelerated by sae_fast.saelens ("jumprelu_fast"): SAELens's code, our kernels."""
 
-    name = "saelens"
     sparse_io = False
 
-    def __init__(self, wl: Workload):
-        import dataclasses
-
+    def __init__(self, wl: Workload, fast: bool = False):
+        from sae_lens.config import SAETrainerConfig
         from sae_lens.saes.jumprelu_sae import JumpReLUSAE as SLSAE
         from sae_lens.saes.jumprelu_sae import JumpReLUSAEConfig, JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
-        from sae_lens.saes.sae import TrainStepInput
+        from sae_lens.training.sae_trainer import SAETrainer
 
+        self.name = "SAELens + sae_fast" if fast else "saelens"
         s, dev = wl.shape, str(wl.xs[0].device)
         common = dict(d_in=s.d_in, d_sae=s.d_sae, dtype=s.dtype, device=dev, apply_b_dec_to_input=False)
         self.sae = SLSAE(JumpReLUSAEConfig(**common))
@@ -148,23 +149,17 @@ class SAELensJumpReLU:
             for m in (self.sae, tr):
                 names = dict(m.named_parameters())
                 for k, v in wl.params.items():
-                    if k in names:
-                        names[k].copy_(v)
-                    elif k == "threshold" and "log_threshold" in names:  # older SAELens training SAEs
-                        names["log_threshold"].copy_(v.float().clamp_min(1e-12).log())
-                    else:
-                        raise ImportError(f"this SAELens version's JumpReLU SAE has no parameter {k!r}")
-        self.opt = _adam(tr.parameters())
-        fields = {f.name for f in dataclasses.fields(TrainStepInput)}
+                    names[k].copy_(v)
+        if fast:
+            from .. import saelens
+
+            self.sae, tr = saelens.accelerate(self.sae), saelens.accelerate(tr)
+        cfg = SAETrainerConfig(total_training_samples=10**12, train_batch_size_samples=s.tokens, device=dev, lr=1e-5,
+                               lr_end=1e-5, adam_beta1=0.0, adam_beta2=0.999)
+        self.trainer = SAETrainer(cfg=cfg, sae=tr, data_provider=iter(()))
 
         def step(x):
-            self.opt.zero_grad(set_to_none=True)
-            kw = dict(sae_in=x, coefficients={"l0": 1e-3}, dead_neuron_mask=None)
-            kw.update({k: v for k, v in (("n_training_steps", 10**6), ("is_logging_step", False)) if k in fields})
-            loss = tr.training_forward_pass(TrainStepInput(**kw)).loss
-            loss.backward()
-            self.opt.step()
-            return loss
+            return self.trainer.step(x).loss
 
         self.fns = {
             "encode": self.sae.encode, "encode_sparse": lambda x: SparseActs.from_dense(self.sae.encode(x)),
@@ -183,11 +178,11 @@ def contenders(wl: Workload, names: list[str]) -> tuple[list, list[tuple[str, st
             out.append(DenseEager(wl))
         elif n == "compile":
             out.append(DenseCompiled(wl))
-        elif n == "saelens":
+        elif n in ("saelens", "saelens-fast"):
             try:
-                out.append(SAELensJumpReLU(wl))
+                out.append(SAELensJumpReLU(wl, fast=n == "saelens-fast"))
             except ImportError as e:
-                skipped.append(("saelens", f"sae-lens not installed ({e})"))
+                skipped.append((n, f"sae-lens not installed ({e})"))
         elif n in backends.NAMES and n != "torch":
             why = backends.unavailable_reason(n, dev)
             if why is None and n not in backends.timed(dev):

@@ -25,16 +25,19 @@ __all__ = [
 ]
 
 
-def loss(impl, x, p: SAEParams, *, l0_coefficient: float, bandwidth: float):
+def loss(impl, x, p: SAEParams, *, l0_coefficient: float, bandwidth: float, target=None, target_l0=None):
     """The training loss with straight-through gradients on backend `impl` (a Backend):
     its own `loss` where it has one (torch: the dense reference), else the sparse step's
-    autograd form over its encoder and primitives. x is [N, d_in]."""
+    autograd form over its encoder and primitives. x is [N, d_in]; target [N, d_out] is a
+    transcoder's (None: x); target_l0 selects the quadratic L0 loss."""
     if impl.loss is not None:
-        return impl.loss(x, p, l0_coefficient=l0_coefficient, bandwidth=bandwidth)
-    return sparse_loss(x, p, l0_coefficient=l0_coefficient, bandwidth=bandwidth, encoder=impl.encoder, prims=impl.prims)
+        return impl.loss(x, p, l0_coefficient=l0_coefficient, bandwidth=bandwidth, target=target, target_l0=target_l0)
+    return sparse_loss(x, p, l0_coefficient=l0_coefficient, bandwidth=bandwidth, encoder=impl.encoder, prims=impl.prims,
+                       target=target, target_l0=target_l0)
 
 
-def row_grads(impl, x, p: SAEParams, *, l0_coefficient: float, bandwidth: float, dense: bool | None = None):
+def row_grads(impl, x, p: SAEParams, *, l0_coefficient: float, bandwidth: float, dense: bool | None = None, target=None,
+              target_l0=None):
     """The row-grads step on backend `impl`: the loss (no graph) and the gradients of the
     touched features only (RowGrads).
 
@@ -47,10 +50,11 @@ def row_grads(impl, x, p: SAEParams, *, l0_coefficient: float, bandwidth: float,
             density = active_density(x, p)
         dense = density > DENSE_FALLBACK_DENSITY
     if dense:
-        out, grads = chunked_dense_row_grads(x, p, l0_coefficient=l0_coefficient, bandwidth=bandwidth)
+        out, grads = chunked_dense_row_grads(x, p, l0_coefficient=l0_coefficient, bandwidth=bandwidth, target=target,
+                                             target_l0=target_l0)
     else:
         out, grads = sparse_row_grads(x, p, l0_coefficient=l0_coefficient, bandwidth=bandwidth, encoder=impl.encoder,
-                                      prims=impl.prims)
+                                      prims=impl.prims, target=target, target_l0=target_l0)
     if x.shape[0]:
         setattr(p.W_enc, _DENSITY_ATTR, float(out.l0) / p.d_sae)
     return out, grads

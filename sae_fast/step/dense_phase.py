@@ -9,7 +9,7 @@ import torch
 from ..outputs import TrainingOutput
 from .encoders import chunk_pre, chunked_pre_encoder, encode_chunk_features
 from .params import RowGrads, SAEParams
-from .sparse import mse, mse_grad
+from .sparse import mse, mse_grad, quadratic_l0_grad
 
 # Above this fraction of active (token, feature) pairs the row-grads step runs densely, a
 # chunk of features at a time (chunked_dense_row_grads): the active set would take
@@ -50,8 +50,8 @@ def _dot_rows_f32(g32, W):
 
 
 @torch.no_grad()
-def chunked_dense_row_grads(x, p: SAEParams, *, l0_coefficient, bandwidth,
-                            chunk_features: int | None = None) -> tuple[TrainingOutput, RowGrads]:
+def chunked_dense_row_grads(x, p: SAEParams, *, l0_coefficient, bandwidth, chunk_features: int | None = None,
+                            target=None, target_l0=None) -> tuple[TrainingOutput, RowGrads]:
     """The row-grads step's contract (same outputs as step.sparse_row_grads), computed
     with dense GEMMs over one chunk of features at a time: for dense phases such as a fresh
     init. Two sweeps (x_hat first, then the gradients, pre recomputed): the workspace
@@ -67,17 +67,23 @@ def chunked_dense_row_grads(x, p: SAEParams, *, l0_coefficient, bandwidth,
     step_sum = torch.zeros((), dtype=torch.float32, device=x.device)
     active_n = torch.zeros((), dtype=torch.int64, device=x.device)
     fired = torch.zeros(d_sae, dtype=torch.bool, device=x.device)
+    l0_tok = torch.zeros(n_tok, dtype=torch.float32, device=x.device)
     for c0, c1 in chunks:
         pre, pre32, thr, active = chunk_pre(xin, W_enc, b_enc, threshold, c0, c1)
         acts = torch.where(active, pre, torch.zeros((), dtype=pre.dtype, device=pre.device))
         recon += _mm32(acts, W_dec[c0:c1])
-        step_sum += (pre32 > thr).sum().float()
+        above = pre32 > thr
+        step_sum += above.sum().float()
+        l0_tok += above.sum(1).float()
         active_n += active.sum()
         fired[c0:c1] = active.any(0)
+    if p.W_skip is not None:
+        recon += x.float() @ p.W_skip.float()
     n = max(n_tok, 1)
-    diff = recon - x.float()
+    diff = recon - (x if target is None else target).float()
     g32 = mse_grad(diff, n)
     g_step = float(l0_coefficient) / n  # unrounded, as in the sparse path
+    g_tok = None if target_l0 is None else quadratic_l0_grad(l0_tok, l0_coefficient, target_l0, n)
     g = g32.to(W_dec.dtype)
     parts = {k: [] for k in ("rows", "W_enc", "b_enc", "threshold", "W_dec")}
     db_dec = g32.sum(0)
@@ -93,7 +99,10 @@ def chunked_dense_row_grads(x, p: SAEParams, *, l0_coefficient, bandwidth,
         db_enc32 = dpre.float().sum(0)
         band_f = band.float()
         band_sum = (dacts * band_f).sum(0).double()
-        d_thr = -(thr.double() / eps) * band_sum - (g_step / eps) * band_f.sum(0).double()
+        if g_tok is None:
+            d_thr = -(thr.double() / eps) * band_sum - (g_step / eps) * band_f.sum(0).double()
+        else:  # each band entry weighs its token's dL/d l0_b
+            d_thr = -(thr.double() / eps) * band_sum - (g_tok[:, None] * band_f.double()).sum(0) / eps
         if p.apply_b_dec_to_input:
             db_dec = db_dec - W_enc[:, c0:c1].float() @ db_enc32
         parts["rows"].append(touched + c0)
@@ -104,16 +113,18 @@ def chunked_dense_row_grads(x, p: SAEParams, *, l0_coefficient, bandwidth,
     if parts["rows"]:
         cat = {k: torch.cat(v) for k, v in parts.items()}
     else:
-        d_in = x.shape[1]
         cat = {
             "rows": torch.zeros(0, dtype=torch.int64,
-                                device=x.device), "W_enc": x.new_zeros(0, d_in), "b_enc": x.new_zeros(0),
-            "W_dec": x.new_zeros(0, d_in), "threshold": torch.zeros(0, dtype=threshold.dtype, device=x.device)
+                                device=x.device), "W_enc": x.new_zeros(0, x.shape[1]), "b_enc": x.new_zeros(0),
+            "W_dec": x.new_zeros(0, W_dec.shape[1]), "threshold": torch.zeros(0, dtype=threshold.dtype, device=x.device)
         }
+    dW_skip = x.t() @ g if p.W_skip is not None else None
     out = TrainingOutput.assemble(mse_loss=mse(diff, n), step_sum=step_sum, l0_coefficient=l0_coefficient,
-                                  active=active_n.float(), n=n, reconstruction=recon.to(x.dtype), fired=fired)
+                                  active=active_n.float(), n=n, reconstruction=recon.to(x.dtype), fired=fired,
+                                  acts=None, l0_per_token=l0_tok,
+                                  target_l0=target_l0)  # the dense phase never forms the active set (its point)
     return out, RowGrads(cat["rows"], cat["W_enc"], cat["b_enc"], cat["threshold"], cat["W_dec"],
-                         db_dec.to(W_dec.dtype))
+                         db_dec.to(W_dec.dtype), dW_skip)
 
 
 def active_density(x, p: SAEParams) -> float:

@@ -13,10 +13,12 @@ from ..sparse import valid_slots
 
 @dataclass(frozen=True)
 class SAEParams:
-    """The five parameters of a JumpReLU SAE and whether b_dec is subtracted from its input.
+    """The five parameters of a JumpReLU SAE and whether b_dec is subtracted from its input,
+    and a transcoder's optional affine skip connection.
 
-    W_enc [d_in, d_sae], b_enc [d_sae], threshold [d_sae] (float32), W_dec [d_sae, d_in],
-    b_dec [d_in]; all but threshold in the SAE dtype."""
+    W_enc [d_in, d_sae], b_enc [d_sae], threshold [d_sae] (float32), W_dec [d_sae, d_out],
+    b_dec [d_out], W_skip [d_in, d_out] or None; all but threshold in the SAE dtype.
+    An SAE has d_out = d_in; a transcoder predicts decode(encode(x)) + x @ W_skip."""
 
     W_enc: torch.Tensor
     b_enc: torch.Tensor
@@ -24,13 +26,15 @@ class SAEParams:
     W_dec: torch.Tensor
     b_dec: torch.Tensor
     apply_b_dec_to_input: bool = False
+    W_skip: torch.Tensor | None = None
 
     NAMES = ("W_enc", "b_enc", "threshold", "W_dec", "b_dec")
 
     @classmethod
     def of(cls, sae) -> SAEParams:
-        """The bundle of a module with these five attributes (a JumpReLUSAE)."""
-        return cls(*(getattr(sae, n) for n in cls.NAMES), bool(getattr(sae, "apply_b_dec_to_input", False)))
+        """The bundle of a module with these five attributes (a JumpReLUSAE or JumpReLUTranscoder)."""
+        return cls(*(getattr(sae, n) for n in cls.NAMES), bool(getattr(sae, "apply_b_dec_to_input", False)),
+                   getattr(sae, "W_skip", None))
 
     def tensors(self) -> tuple:
         return tuple(getattr(self, n) for n in self.NAMES)
@@ -51,14 +55,16 @@ class RowGrads:
     Every feature outside `rows` has an exactly zero gradient in W_dec, W_enc,
     b_enc and threshold. W_enc holds the touched *columns* of dW_enc as rows
     ([n, d_in] = dW_enc[:, rows]ᵀ), so both matrices update row-contiguously.
+    A transcoder's skip connection is dense: its whole gradient (W_skip, else None).
     """
 
     rows: torch.Tensor  # int64 [n]
     W_enc: torch.Tensor  # [n, d_in], SAE dtype
     b_enc: torch.Tensor  # [n], SAE dtype
     threshold: torch.Tensor  # [n], float32
-    W_dec: torch.Tensor  # [n, d_in], SAE dtype
-    b_dec: torch.Tensor  # [d_in], SAE dtype
+    W_dec: torch.Tensor  # [n, d_out], SAE dtype
+    b_dec: torch.Tensor  # [d_out], SAE dtype
+    W_skip: torch.Tensor | None = None  # [d_in, d_out], SAE dtype
 
     def full_size(self, d_sae: int) -> dict:
         """Full-size gradients by parameter name (tests, and handing over to torch optimizers)."""
@@ -68,15 +74,20 @@ class RowGrads:
             out[self.rows] = v
             return out
 
-        d_in = self.b_dec.shape[0]
-        return {
+        d_in, d_out = self.W_enc.shape[1], self.b_dec.shape[0]
+        full = {
             "W_enc": rows_of(self.W_enc, (d_sae, d_in)).t(), "b_enc": rows_of(self.b_enc, (d_sae, )),
             "threshold": rows_of(self.threshold,
-                                 (d_sae, )), "W_dec": rows_of(self.W_dec, (d_sae, d_in)), "b_dec": self.b_dec.clone()
+                                 (d_sae, )), "W_dec": rows_of(self.W_dec, (d_sae, d_out)), "b_dec": self.b_dec.clone()
         }
+        if self.W_skip is not None:
+            full["W_skip"] = self.W_skip.clone()
+        return full
 
     def tensors(self) -> tuple:
-        return (self.W_enc, self.b_enc, self.threshold, self.W_dec, self.b_dec)
+        """Every gradient tensor (W_skip last, where there is one)."""
+        five = (self.W_enc, self.b_enc, self.threshold, self.W_dec, self.b_dec)
+        return five if self.W_skip is None else (*five, self.W_skip)
 
     def norm(self) -> torch.Tensor:
         """L2 norm over every gradient entry (float32), as torch.nn.utils.clip_grad_norm_ measures it."""

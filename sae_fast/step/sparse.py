@@ -6,7 +6,7 @@ gather-sum. Backward touches only A and N:
 
     dW_dec   = scatter_rows(acts_A, g)                 db_dec = sum_b g_b
     dacts    = gather_dot(g, W_dec) on A and on N      dpre   = dacts on A
-    dthr_j   = -(thr_j/eps) sum_{b: j in N_b} dacts[b,j]  -  (g_step/eps) |{b: j in N_b}|
+    dthr_j   = -(thr_j/eps) sum_{b: j in N_b} dacts[b,j]  -  (1/eps) sum_{b: j in N_b} g_step_b
     dW_encᵀ  = scatter_rows(dpre_A, x')                db_enc = scatter_rows(dpre_A, 1)
     dx'      = decode(dpre_A, W_encᵀ)                  (and db_dec -= sum dx' if b_dec is applied to x)
 
@@ -31,7 +31,7 @@ import torch
 
 from .. import reference
 from ..outputs import TrainingOutput
-from ..sparse import valid_slots
+from ..sparse import SparseActs, valid_slots
 from .encoders import EncodedSets
 from .params import RowGrads, SAEParams, touched_features
 
@@ -75,8 +75,10 @@ def _forward(x, p: SAEParams, bandwidth, encoder, prims):
 
 
 def _backward(xin, W_enc, threshold, W_dec, sets: EncodedSets, g32, g_step, *, eps, apply_b_dec, prims, need, rows=None,
-              pos=None):
-    """The gradients above from g32 = dL/dx_hat (float32) and g_step = dL/d step_sum.
+              pos=None, g_tok=None):
+    """The gradients above from g32 = dL/dx_hat (float32) and g_step_b = g_step + g_tok[b]:
+    g_step = dL/d step_sum (a scalar, the linear L0 loss), g_tok [N] = dL/d l0_b (the
+    quadratic one; None without it).
     need: (x, W_enc, b_enc, threshold, W_dec, b_dec) flags. With rows/pos, the
     feature-indexed gradients come out compact (RowGrads layout), else full size."""
     a_idx, a_val, a_cnt, band_idx, band_cnt = sets.a_idx, sets.a_val, sets.a_cnt, sets.band_idx, sets.band_cnt
@@ -106,6 +108,9 @@ def _backward(xin, W_enc, threshold, W_dec, sets: EncodedSets, g32, g_step, *, e
         if g_step is not None:
             band_count = p.scatter_rows(torch.ones_like(dacts_band), band_out, band_cnt, ones, n_out)[:, 0]
             d_thr = d_thr - (g_step.double() / eps) * band_count.double()
+        if g_tok is not None:  # each band slot weighs its token's dL/d l0_b
+            w = g_tok.float()[:, None].expand_as(dacts_band).contiguous()
+            d_thr = d_thr - p.scatter_rows(w, band_out, band_cnt, ones, n_out)[:, 0].double() / eps
         d_thr = d_thr.to(threshold.dtype)
     dW_enc_t = p.scatter_rows(dpre_a, a_out, a_cnt, xin.contiguous(), n_out) if need[1] else None
     db_enc32 = None
@@ -127,6 +132,12 @@ def _backward(xin, W_enc, threshold, W_dec, sets: EncodedSets, g32, g_step, *, e
     return dx, dW_enc_t, db_enc, d_thr, dW_dec, db_dec
 
 
+def quadratic_l0_grad(l0_tok, l0_coefficient, target_l0, n):
+    """d l0_loss / d l0_b of the quadratic L0 loss: l0_coefficient * (4 / t) * (l0_b - t) / n (float64)."""
+    t = float(target_l0)
+    return float(l0_coefficient) * (4.0 / t) * (l0_tok.double() - t) / n
+
+
 def mse(diff, n):
     """sum(diff²) / n, summed in float64 (tokens x d_in terms; one rounding at the end)."""
     return (diff.double().pow(2).sum() / n).float()
@@ -138,8 +149,13 @@ def mse_grad(diff, n):
 
 
 class SparseJumpReLUSAEFunction(torch.autograd.Function):
-    """(recon [N, d_in], step_sum, active_count, fired [d_sae]) with the sparse backward above.
-    The five parameters are separate inputs here, as autograd needs them."""
+    """(recon [N, d_out], step_sum, active_count, fired [d_sae], the active set a_idx,
+    a_val, a_cnt, and l0_tok [N]) with the sparse backward above. The five parameters are
+    separate inputs here, as autograd needs them.
+
+    l0_tok = each token's sum_j H(pre - threshold), differentiable through the band: the
+    active count, which is that sum wherever threshold >= 0 (pre > threshold >= 0 implies
+    pre > 0); sparse_loss checks threshold >= 0 before it uses l0_tok."""
 
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, threshold, W_dec, b_dec, bandwidth, apply_b_dec_to_input, encoder, prims):
@@ -150,11 +166,14 @@ class SparseJumpReLUSAEFunction(torch.autograd.Function):
         ctx.bandwidth = float(bandwidth)
         ctx.apply_b_dec = apply_b_dec_to_input
         ctx.prims = prims
-        ctx.mark_non_differentiable(active, fired)
-        return recon, sets.step_sum, active, fired
+        ctx.mark_non_differentiable(active, fired, sets.a_idx, sets.a_val, sets.a_cnt)
+        # an output the loss does not use (step_sum or l0_tok, by L0 loss) gets None, not zeros:
+        # no band pass for a term that is not there
+        ctx.set_materialize_grads(False)
+        return recon, sets.step_sum, active, fired, sets.a_idx, sets.a_val, sets.a_cnt, sets.a_cnt.float()
 
     @staticmethod
-    def backward(ctx, g, g_step, _g_active, _g_fired):
+    def backward(ctx, g, g_step, _g_active, _g_fired, _g_idx, _g_val, _g_cnt, g_tok):
         xin, W_enc, threshold, W_dec, a_idx, a_val, a_cnt, band_idx, band_cnt = ctx.saved_tensors
         if g is None:
             g = torch.zeros(xin.shape[0], W_dec.shape[1], dtype=torch.float32, device=W_dec.device)
@@ -162,36 +181,69 @@ class SparseJumpReLUSAEFunction(torch.autograd.Function):
         dx, dW_enc_t, db_enc, d_thr, dW_dec, db_dec = _backward(xin, W_enc, threshold, W_dec, sets,
                                                                 g.float().contiguous(), g_step, eps=ctx.bandwidth,
                                                                 apply_b_dec=ctx.apply_b_dec, prims=ctx.prims,
-                                                                need=ctx.needs_input_grad[:6])
+                                                                need=ctx.needs_input_grad[:6], g_tok=g_tok)
         dW_enc = dW_enc_t.t() if dW_enc_t is not None else None
         return dx, dW_enc, db_enc, d_thr, dW_dec, db_dec, None, None, None, None
 
 
-def sparse_loss(x, p: SAEParams, *, l0_coefficient, bandwidth, encoder, prims) -> TrainingOutput:
-    """Same contract as reference.jumprelu_sae_loss, computed sparsely. x is [N, d_in]."""
-    recon, step_sum, active, fired = SparseJumpReLUSAEFunction.apply(x, *p.tensors(), bandwidth, p.apply_b_dec_to_input,
-                                                                     encoder, prims)
+def _skip(x, p: SAEParams):
+    """x @ W_skip computed and kept in float32 (never rounded to the SAE dtype, like the float32
+    reconstruction it is added to), or None without a skip connection. A [d_in, d_out] GEMM:
+    d_sae / d_out times smaller than the encoder's, so its float32 cost is small."""
+    return None if p.W_skip is None else x.float() @ p.W_skip.float()
+
+
+def check_quadratic(p: SAEParams, target_l0) -> None:
+    """The sparse paths' quadratic L0 loss counts l0_b as the active count: exact for threshold >= 0."""
+    if target_l0 is not None and p.d_sae and bool((p.threshold < 0).any()):
+        raise ValueError("target_l0 (the quadratic L0 loss) needs every threshold >= 0 on the sparse step: its "
+                         "per-token L0 is the active count; clamp the threshold at 0 first (as SAELens does)")
+
+
+def sparse_loss(x, p: SAEParams, *, l0_coefficient, bandwidth, encoder, prims, target=None,
+                target_l0=None) -> TrainingOutput:
+    """Same contract as reference.jumprelu_sae_loss, computed sparsely. x is [N, d_in],
+    target [N, d_out] (a transcoder's; None: x itself), target_l0 the quadratic L0 loss's."""
+    check_quadratic(p, target_l0)
+    recon, step_sum, active, fired, a_idx, a_val, a_cnt, l0_tok = SparseJumpReLUSAEFunction.apply(
+        x, *p.tensors(), bandwidth, p.apply_b_dec_to_input, encoder, prims)
+    skip = _skip(x, p)
+    pred = recon if skip is None else recon + skip
+    y = x if target is None else target
     n = max(x.shape[0], 1)
-    return TrainingOutput.assemble(mse_loss=mse(recon - x.float(), n), step_sum=step_sum, l0_coefficient=l0_coefficient,
-                                   active=active, n=n, reconstruction=recon.to(x.dtype), fired=fired)
+    return TrainingOutput.assemble(mse_loss=mse(pred - y.float(), n), step_sum=step_sum, l0_coefficient=l0_coefficient,
+                                   active=active, n=n, reconstruction=pred.to(x.dtype), fired=fired,
+                                   acts=SparseActs(a_idx, a_val, a_cnt,
+                                                   p.d_sae), l0_per_token=l0_tok, target_l0=target_l0)
 
 
 @torch.no_grad()
-def sparse_row_grads(x, p: SAEParams, *, l0_coefficient, bandwidth, encoder, prims) -> tuple[TrainingOutput, RowGrads]:
+def sparse_row_grads(x, p: SAEParams, *, l0_coefficient, bandwidth, encoder, prims, target=None,
+                     target_l0=None) -> tuple[TrainingOutput, RowGrads]:
     """The row-grads step on the sparse kernels: sparse_loss's outputs (no graph) and its
-    gradients on the touched features only."""
+    gradients on the touched features only (and a transcoder's whole W_skip gradient)."""
+    check_quadratic(p, target_l0)
     xin, sets, recon, active, fired = _forward(x, p, bandwidth, encoder, prims)
     n = max(x.shape[0], 1)
-    diff = recon - x.float()
+    skip = _skip(x, p)
+    if skip is not None:
+        recon = recon + skip
+    diff = recon - (x if target is None else target).float()
     # dL/dx_hat as autograd forms it for the loss; dL/d step_sum unrounded (float64):
     # the threshold gradient subtracts it from the band sum, where they can cancel
     g32 = mse_grad(diff, n)
     g_step = torch.tensor(float(l0_coefficient) / n, dtype=torch.float64, device=x.device)
+    l0_tok, g_tok = sets.a_cnt.float(), None
+    if target_l0 is not None:  # d/d l0_b of l0_coefficient * mean_b 2 / t * (l0_b - t)^2
+        g_step, g_tok = None, quadratic_l0_grad(l0_tok, l0_coefficient, target_l0, n)
     rows, pos = touched_features(p.d_sae, (sets.a_idx, sets.a_cnt), (sets.band_idx, sets.band_cnt))
     _, dW_enc_t, db_enc, d_thr, dW_dec, db_dec = _backward(xin, p.W_enc, p.threshold, p.W_dec, sets, g32, g_step,
                                                            eps=float(bandwidth), apply_b_dec=p.apply_b_dec_to_input,
                                                            prims=prims, need=(False, True, True, True, True, True),
-                                                           rows=rows, pos=pos)
+                                                           rows=rows, pos=pos, g_tok=g_tok)
+    dW_skip = x.t() @ g32.to(p.W_skip.dtype) if p.W_skip is not None else None
     out = TrainingOutput.assemble(mse_loss=mse(diff, n), step_sum=sets.step_sum, l0_coefficient=l0_coefficient,
-                                  active=active, n=n, reconstruction=recon.to(x.dtype), fired=fired)
-    return out, RowGrads(rows, dW_enc_t, db_enc, d_thr, dW_dec, db_dec)
+                                  active=active, n=n, reconstruction=recon.to(x.dtype), fired=fired,
+                                  acts=SparseActs(sets.a_idx, sets.a_val, sets.a_cnt,
+                                                  p.d_sae), l0_per_token=l0_tok, target_l0=target_l0)
+    return out, RowGrads(rows, dW_enc_t, db_enc, d_thr, dW_dec, db_dec, dW_skip)

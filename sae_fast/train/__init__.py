@@ -1,11 +1,12 @@
-"""Training pipeline: a causal LM's activations -> a trained JumpReLU SAE (`sae-fast train`)."""
+"""Training pipeline: a causal LM's activations -> a trained JumpReLU SAE or transcoder (`sae-fast train`)."""
 
 from .config import EMBEDDED_MODEL, EMBEDDED_TEXT, TrainConfig
-from .data import SyntheticActivationSource
-from .run import evaluate, train
+from .data import SyntheticActivationSource, SyntheticTranscoderSource
+from .run import evaluate, evaluate_transcoder, train
 from .trainer import ActivationBuffer, CheckpointError, Trainer, autograd_step, row_grads_step
 
 __all__ = [
     "ActivationBuffer", "CheckpointError", "EMBEDDED_MODEL", "EMBEDDED_TEXT", "SyntheticActivationSource",
-    "TrainConfig", "Trainer", "autograd_step", "evaluate", "row_grads_step", "train"
+    "SyntheticTranscoderSource", "TrainConfig", "Trainer", "autograd_step", "evaluate", "evaluate_transcoder", "train",
+    "row_grads_step"
 ]

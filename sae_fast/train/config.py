@@ -23,6 +23,10 @@ class TrainConfig:
     model: str = EMBEDDED_MODEL  # hub name, local directory, or EMBEDDED_MODEL
     layer: int = 6
     site: str = "resid"  # resid (decoder layer output), attn (self-attention output), mlp (MLP output)
+    # a transcoder reads layer `layer`'s MLP input and predicts its MLP output (both captured in
+    # one forward, see data.MLPSites); `site` is then not used and must stay at its default
+    transcoder: bool = False
+    affine_skip: bool = False  # transcoder only: y_hat += x @ W_skip (Gemma Scope 2's affine_skip_connection)
     data: list[str] = field(default_factory=lambda: [EMBEDDED_TEXT])  # text files/dirs, a saved dataset, EMBEDDED_TEXT
     dataset: str | None = None  # a hub dataset name (needs network); replaces `data`
     dataset_split: str = "train"
@@ -53,7 +57,10 @@ class TrainConfig:
     optimizer: str = "auto"
     grad_clip: float = 1.0  # 0 disables
     decoder_unit_norm: bool = True  # unit-norm W_dec rows, gradient parallel to each row removed
-    target_l0: float | None = None  # only reported
+    # the L0 loss: "step" (DeepMind's, l0_coefficient * mean L0) or "quadratic" (Gemma Scope 2's,
+    # l0_coefficient * mean 2 / target_l0 * (L0 - target_l0)^2; needs target_l0)
+    l0_loss: str = "step"
+    target_l0: float | None = None  # reported against; the quadratic L0 loss's target
     # the activation pipeline
     buffer_tokens: int = 2**16
     model_batch_size: int = 8  # contexts per model forward
@@ -85,6 +92,11 @@ class TrainConfig:
         for name in ("lr", "bandwidth", "threshold_init"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)!r}")
+        if self.l0_loss not in ("step", "quadratic"):
+            raise ValueError(f"l0-loss must be step or quadratic, got {self.l0_loss!r}")
+        if self.l0_loss == "quadratic" and not (self.target_l0 is not None and 0 < self.target_l0 <= self.d_sae):
+            raise ValueError(f"--l0-loss quadratic needs --target-l0 in (0, d-sae={self.d_sae}], "
+                             f"got {self.target_l0!r}")
         if self.l0_coefficient < 0:
             raise ValueError(f"l0-coefficient must be non-negative, got {self.l0_coefficient!r}")
         if not 0 <= self.lr_decay_frac <= 1:
@@ -99,6 +111,15 @@ class TrainConfig:
             raise ValueError(f"optimizer sparse-adam is Adam with beta1 = 0; got adam-beta1={self.adam_beta1}")
         if self.checkpoint_every < 0 or self.eval_contexts < 0:
             raise ValueError("checkpoint-every and eval-contexts must be non-negative")
+        if self.affine_skip and not self.transcoder:
+            raise ValueError("--affine-skip needs --transcoder: the skip connection x @ W_skip maps a transcoder's "
+                             "input (the MLP input) to its output (the MLP output)")
+        if self.transcoder and self.apply_b_dec_to_input:
+            raise ValueError("--apply-b-dec-to-input does not apply to --transcoder: a transcoder's b_dec lives in "
+                             "its output space (the MLP output), not its input's")
+        if self.transcoder and self.site != "resid":
+            raise ValueError(f"--site is not used with --transcoder: a transcoder reads the MLP input of --layer and "
+                             f"predicts its MLP output (got --site {self.site}; leave --site out)")
         return self
 
     @property
@@ -117,4 +138,7 @@ class TrainConfig:
 
 # What a resumed run must share with the checkpoint it resumes.
 RESUME_KEYS = ("optimizer", "model", "layer", "site", "d_sae", "dtype", "batch_size", "context_length", "seed",
-               "apply_b_dec_to_input", "buffer_tokens", "data", "dataset")
+               "apply_b_dec_to_input", "buffer_tokens", "data", "dataset", "transcoder", "affine_skip", "l0_loss")
+# Keys added after checkpoints were first written: an older checkpoint lacks them and
+# was written with these values.
+RESUME_DEFAULTS = {"transcoder": False, "affine_skip": False, "l0_loss": "step"}

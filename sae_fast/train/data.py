@@ -195,6 +195,95 @@ class ModelActivations:
         return x[keep].reshape(-1, x.shape[-1])
 
 
+def _module_path(model, module) -> str:
+    return next(n for n, m in model.named_modules() if m is module)
+
+
+class MLPSites:
+    """Where a transcoder of decoder layer `layer` reads and writes, in one forward.
+
+    Gemma 2/3 layers wrap the MLP in pre_feedforward_layernorm / post_feedforward_layernorm:
+    the input is the pre-norm's output (what the MLP reads), the target the post-norm's output
+    (what is added to the residual), Gemma Scope 2's transcoder hook points. Other layers
+    (Llama-style): the `mlp` module's input and output.
+    hook_points: {"in", "out"}, Hugging Face module paths with .output/.input, e.g.
+    model.layers.6.pre_feedforward_layernorm.output."""
+
+    def __init__(self, model, layer: int):
+        blk = hook_module(model, layer, "resid")
+        pre, post = (getattr(blk, n, None) for n in ("pre_feedforward_layernorm", "post_feedforward_layernorm"))
+        if pre is not None and post is not None:
+            self.in_module, self.in_is_input, self.out_module = pre, False, post
+        else:
+            mlp = hook_module(model, layer, "mlp")
+            self.in_module, self.in_is_input, self.out_module = mlp, True, mlp
+        self.hook_points = {
+            "in": _module_path(model, self.in_module) + (".input" if self.in_is_input else ".output"),
+            "out": _module_path(model, self.out_module) + ".output"
+        }
+
+    def hook_in(self, fn):
+        """Call fn(x) with the transcoder's input each forward; returns the hook handle.
+        The hooks return None whatever fn returns: the forward goes on unchanged."""
+        if self.in_is_input:
+
+            def pre(_m, args, kwargs):
+                fn(args[0] if args else next(iter(kwargs.values())))
+
+            return self.in_module.register_forward_pre_hook(pre, with_kwargs=True)
+
+        def post(_m, _inp, out):
+            fn(_first(out))
+
+        return self.in_module.register_forward_hook(post)
+
+
+def transcoder_hook_points(layer: int) -> dict:
+    """Gemma Scope 2's transcoder hook points for a Gemma 2/3 causal LM (what a run without a
+    model, on synthetic or precomputed pairs, records)."""
+    return {
+        "in": f"model.layers.{layer}.pre_feedforward_layernorm.output",
+        "out": f"model.layers.{layer}.post_feedforward_layernorm.output"
+    }
+
+
+class ModelTranscoderActivations:
+    """(MLP input, MLP output) pairs of decoder layer `layer` for batches of contexts, BOS
+    excluded, concatenated as [tokens, d_in + d_out] so that one shuffle keeps each pair
+    together (Trainer splits them). Both come from the same forward, which stops right after
+    the target is captured."""
+
+    def __init__(self, model, tokenizer, layer: int):
+        self.model, self.tok = model, tokenizer
+        self.sites = MLPSites(model, layer)
+        self.hook_points = self.sites.hook_points
+        self.device = next(model.parameters()).device
+
+    @torch.no_grad()
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        captured = {}
+
+        def take_out(_m, _inp, out):
+            captured["y"] = _first(out)
+            raise _Stop
+
+        hs = [
+            self.sites.hook_in(lambda x: captured.setdefault("x", x)),
+            self.sites.out_module.register_forward_hook(take_out)
+        ]
+        try:
+            self.model(ids.to(self.device))
+        except _Stop:
+            pass
+        finally:
+            for h in hs:
+                h.remove()
+        x, y = captured["x"], captured["y"]
+        keep = (ids.to(self.device) != self.tok.bos_token_id if self.tok.bos_token_id is not None else torch.ones_like(
+            ids, dtype=torch.bool, device=self.device))
+        return torch.cat([x[keep].reshape(-1, x.shape[-1]), y[keep].reshape(-1, y.shape[-1])], dim=-1)
+
+
 class ModelActivationSource:
     """A stream of activation chunks from a model over a TokenStream."""
 
@@ -237,3 +326,31 @@ class SyntheticActivationSource:
 
     def load_state_dict(self, s: dict) -> None:
         self.position = s["position"]
+
+
+class SyntheticTranscoderSource(SyntheticActivationSource):
+    """Structured synthetic (input, target) pairs, [tokens, d_in + d_out] like
+    ModelTranscoderActivations: x is SyntheticActivationSource's sparse combination, y the
+    same sparse code through a second fixed random unit dictionary of d_out directions, plus
+    `skip` * x @ M for a fixed random M [d_in, d_out] (a dense linear part, what an affine
+    skip connection can take over), plus noise. Deterministic per chunk index."""
+
+    def __init__(self, d_in: int, d_out: int, n_features: int, l0: int, chunk_tokens: int, seed: int = 0,
+                 position: int = 0, skip: float = 0.0):
+        super().__init__(d_in, n_features, l0, chunk_tokens, seed=seed, position=position)
+        g = torch.Generator().manual_seed(seed + 7919)
+        self.dirs_out = torch.randn(n_features, d_out, generator=g)
+        self.dirs_out /= self.dirs_out.norm(dim=1, keepdim=True)
+        self.M = torch.randn(d_in, d_out, generator=g) / d_in**0.5
+        self.skip = skip
+
+    def next_chunk(self) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.position + 1)
+        self.position += 1
+        p = self.l0 / self.n_features
+        on = torch.rand(self.chunk, self.n_features, generator=g) < p
+        code = on * (torch.rand(self.chunk, self.n_features, generator=g) * 2 + 0.5)
+        x = code @ self.dirs + 0.01 * torch.randn(self.chunk, self.dirs.shape[1], generator=g)
+        noise = 0.01 * torch.randn(self.chunk, self.dirs_out.shape[1], generator=g)
+        y = code @ self.dirs_out + self.skip * x @ self.M + noise
+        return torch.cat([x, y], dim=-1)

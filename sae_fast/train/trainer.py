@@ -10,9 +10,11 @@ import time
 import torch
 
 from ..dtypes import DTYPES
-from ..modules import JumpReLUSAE
+from ..modules import JumpReLUSAE, JumpReLUTranscoder
 from ..step import remove_parallel_component
-from .config import RESUME_KEYS, TrainConfig
+from ..hooks import HookPoint
+from .config import RESUME_DEFAULTS, RESUME_KEYS, TrainConfig
+from .data import transcoder_hook_points
 
 
 class CheckpointError(ValueError):
@@ -77,11 +79,19 @@ def l0_coefficient_at(step: int, cfg: TrainConfig) -> float:
     return cfg.l0_coefficient * min(1.0, (step + 1) / max(cfg.l0_warmup_steps, 1))
 
 
-def autograd_step(sae: JumpReLUSAE, opt, x, *, l0_coefficient: float, bandwidth: float, decoder_unit_norm: bool = True,
-                  grad_clip: float = 0.0):
+def _targets(target) -> tuple:
+    # an SAE's training methods take no target (it is x); a transcoder's take (x, target)
+    return () if target is None else (target, )
+
+
+def autograd_step(sae: JumpReLUSAE, opt, x, target=None, *, l0_coefficient: float, bandwidth: float,
+                  decoder_unit_norm: bool = True, grad_clip: float = 0.0, target_l0: float | None = None):
     """One training step through autograd: full-size .grad tensors and any torch
-    optimizer (torch.optim.Adam in `sae-fast train --optimizer adam`)."""
-    out = sae.training_forward(x, l0_coefficient=l0_coefficient, bandwidth=bandwidth)
+    optimizer (torch.optim.Adam in `sae-fast train --optimizer adam`).
+    target: a transcoder's target (the MLP output) for input x; None for an SAE.
+    target_l0: the quadratic L0 loss's target (None: the linear L0 loss)."""
+    out = sae.training_forward(x, *_targets(target), l0_coefficient=l0_coefficient, bandwidth=bandwidth,
+                               target_l0=target_l0)
     opt.zero_grad(set_to_none=True)
     out.loss.backward()
     with torch.no_grad():
@@ -96,15 +106,18 @@ def autograd_step(sae: JumpReLUSAE, opt, x, *, l0_coefficient: float, bandwidth:
     return out
 
 
-def row_grads_step(sae: JumpReLUSAE, opt, x, *, l0_coefficient: float, bandwidth: float, decoder_unit_norm: bool = True,
-                   grad_clip: float = 0.0):
+def row_grads_step(sae: JumpReLUSAE, opt, x, target=None, *, l0_coefficient: float, bandwidth: float,
+                   decoder_unit_norm: bool = True, grad_clip: float = 0.0, target_l0: float | None = None):
     """One row-grads training step (what `sae-fast train` runs by default): no autograd
     graph, gradients for the touched features only (RowGrads), the decoder's
     parallel-gradient removal and the clipping on those rows, then the row-sparse optimizer
     (opt: SparseAdamB1Zero.for_sae(sae, decoder_unit_norm=...), which renormalises the
     changed W_dec rows in the same pass).
-    Nothing of size [d_sae, d_in] beyond the parameters and the optimizer state."""
-    out, grads = sae.training_row_grads(x, l0_coefficient=l0_coefficient, bandwidth=bandwidth)
+    Nothing of size [d_sae, d_in] beyond the parameters and the optimizer state.
+    target: a transcoder's target (the MLP output) for input x; None for an SAE.
+    target_l0: the quadratic L0 loss's target (None: the linear L0 loss)."""
+    out, grads = sae.training_row_grads(x, *_targets(target), l0_coefficient=l0_coefficient, bandwidth=bandwidth,
+                                        target_l0=target_l0)
     if decoder_unit_norm:
         remove_parallel_component(sae.W_dec, grads.rows, grads.W_dec)
     if grad_clip > 0:
@@ -115,13 +128,25 @@ def row_grads_step(sae: JumpReLUSAE, opt, x, *, l0_coefficient: float, bandwidth
 
 
 class Trainer:
+    """Trains a JumpReLU SAE on `source`'s [tokens, d_in] chunks, or with cfg.transcoder a
+    JumpReLUTranscoder on its [tokens, d_in + d_out] chunks: input x then target y per row
+    (d_out defaults to d_in). hook_points: a transcoder's {"in", "out"} hook names for its
+    metadata (default: Gemma Scope 2's for cfg.layer)."""
 
-    def __init__(self, cfg: TrainConfig, source, d_in: int, *, device: torch.device | None = None, log=None):
+    def __init__(self, cfg: TrainConfig, source, d_in: int, *, d_out: int | None = None,
+                 device: torch.device | None = None, log=None, hook_points: dict | None = None):
         self.cfg = cfg.validate()
         self.device = device or pick_device(cfg.device)
+        self.d_in = d_in
+        self.d_out = (d_out or d_in) if cfg.transcoder else None
+        self.hook_points = hook_points or transcoder_hook_points(cfg.layer)
         torch.manual_seed(cfg.seed)
-        self.sae = JumpReLUSAE(d_in, cfg.d_sae, dtype=DTYPES[cfg.dtype], device=self.device, backend=cfg.backend,
-                               apply_b_dec_to_input=cfg.apply_b_dec_to_input)
+        if cfg.transcoder:
+            self.sae = JumpReLUTranscoder(d_in, cfg.d_sae, self.d_out, affine_skip=cfg.affine_skip,
+                                          dtype=DTYPES[cfg.dtype], device=self.device, backend=cfg.backend)
+        else:
+            self.sae = JumpReLUSAE(d_in, cfg.d_sae, dtype=DTYPES[cfg.dtype], device=self.device, backend=cfg.backend,
+                                   apply_b_dec_to_input=cfg.apply_b_dec_to_input)
         self.sae.reset_parameters(threshold_init=cfg.threshold_init)
         self.optimizer = cfg.resolved_optimizer
         if self.optimizer == "sparse-adam":
@@ -135,7 +160,8 @@ class Trainer:
                                         eps=cfg.adam_eps)
         self.buffer = ActivationBuffer(source, cfg.buffer_tokens, cfg.batch_size, self.device, cfg.seed)
         self.step = 0
-        self.scale: float | None = None
+        self.scale: float | None = None  # of x (a transcoder's input)
+        self.scale_out: float | None = None  # of a transcoder's target y
         # step at which each feature last fired (-1: never), for the dead-feature count
         self.last_fired = torch.full((cfg.d_sae, ), -1, dtype=torch.int64, device=self.device)
         self.log = log
@@ -143,29 +169,51 @@ class Trainer:
 
     # ----------------------------------------------------------- normalisation
     def estimate_scale(self) -> float:
-        """One fixed scalar so that mean ||x||^2 = 1, estimated on the first buffer fill."""
-        x = self.buffer.peek().float()
-        self.scale = float(1.0 / math.sqrt(float(x.pow(2).sum(-1).mean()) + 1e-12))
+        """One fixed scalar so that mean ||x||^2 = 1, estimated on the first buffer fill;
+        for a transcoder a second one, scale_out, so that mean ||y||^2 = 1."""
+        data = self.buffer.peek()
+        want = self.d_in + (self.d_out or 0)
+        if data.shape[-1] != want:
+            what = f"d_in + d_out = {self.d_in} + {self.d_out}" if self.cfg.transcoder else f"d_in = {self.d_in}"
+            raise ValueError(f"the activation source yields rows of width {data.shape[-1]}, expected {what}")
+        inv_rms = lambda t: float(1.0 / math.sqrt(float(t.float().pow(2).sum(-1).mean()) + 1e-12))  # noqa: E731
+        self.scale = inv_rms(data[:, :self.d_in])
+        if self.cfg.transcoder:
+            self.scale_out = inv_rms(data[:, self.d_in:])
         return self.scale
+
+    def _split(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Normalised (x, target) in the SAE's dtype; target None for an SAE."""
+        dt = self.sae.dtype
+        if not self.cfg.transcoder:
+            return (batch.float() * self.scale).to(dt), None
+        x = (batch[:, :self.d_in].float() * self.scale).to(dt).contiguous()
+        y = (batch[:, self.d_in:].float() * self.scale_out).to(dt).contiguous()
+        return x, y
 
     # ----------------------------------------------------------------- a step
     def train_step(self) -> dict:
-        cfg, sae = self.cfg, self.sae
+        cfg = self.cfg
         if self.scale is None:
             self.estimate_scale()
         t0 = time.perf_counter()
-        x = (self.buffer.next().float() * self.scale).to(sae.dtype)
+        x, y = self._split(self.buffer.next())
         lam = l0_coefficient_at(self.step, cfg)
         lr = lr_at(self.step, cfg)
         for g in self.opt.param_groups:
             g["lr"] = lr
         run = row_grads_step if self.optimizer == "sparse-adam" else autograd_step
-        out = run(self.sae, self.opt, x, l0_coefficient=lam, bandwidth=cfg.bandwidth,
-                  decoder_unit_norm=cfg.decoder_unit_norm, grad_clip=cfg.grad_clip)
+        quadratic = cfg.l0_loss == "quadratic"
+        if quadratic:
+            with torch.no_grad():  # its per-token L0 is the active count: exact for threshold >= 0
+                self.sae.threshold.clamp_(min=0.0)
+        out = run(self.sae, self.opt, x, y, l0_coefficient=lam, bandwidth=cfg.bandwidth,
+                  decoder_unit_norm=cfg.decoder_unit_norm, grad_clip=cfg.grad_clip,
+                  target_l0=cfg.target_l0 if quadratic else None)
         with torch.no_grad():
             self.last_fired[out.fired] = self.step
-            xf = x.float()
-            var = (xf - xf.mean(0)).pow(2).sum(-1).mean()
+            tf = (x if y is None else y).float()  # FVU against what is predicted
+            var = (tf - tf.mean(0)).pow(2).sum(-1).mean()
             window = max(1, cfg.dead_window_tokens // cfg.batch_size)
             dead = ((self.last_fired < 0) | (self.last_fired < self.step - window + 1)).float().mean()
         if self.device.type == "cuda":
@@ -182,7 +230,12 @@ class Trainer:
     # ------------------------------------------------------------ checkpoints
     def folded_sae(self) -> JumpReLUSAE:
         """A copy whose weights work on raw (unnormalised) activations, as Gemma Scope's do:
-        x_n = s x, so W_enc' = s W_enc, W_dec' = W_dec / s, b_dec' = b_dec / s."""
+        x_n = s x, so W_enc' = s W_enc, W_dec' = W_dec / s, b_dec' = b_dec / s.
+        A transcoder (x_n = s x, y_n = t y): y = y_n / t = acts (W_dec / t) + b_dec / t
+        + x (s W_skip / t), so W_enc' = s W_enc, W_dec' = W_dec / t, b_dec' = b_dec / t,
+        W_skip' = W_skip s / t."""
+        if self.cfg.transcoder:
+            return self._folded_transcoder()
         s = self.scale or 1.0
         with torch.no_grad():
             folded = {
@@ -193,9 +246,33 @@ class Trainer:
                                       apply_b_dec_to_input=self.cfg.apply_b_dec_to_input)
         sae.metadata = {
             "hook_layer": self.cfg.layer, "hook_name": f"layer{self.cfg.layer}.{self.cfg.site}",
-            "model_name": self.cfg.model, "normalization_scale_folded": s
+            "hf_hook_point_in": HookPoint.of_site(self.cfg.layer, self.cfg.site).name, "model_name": self.cfg.model,
+            "normalization_scale_folded": s
         }
         return sae
+
+    def _folded_transcoder(self) -> JumpReLUTranscoder:
+        s, t = self.scale or 1.0, self.scale_out or 1.0
+        tc = self.sae
+        with torch.no_grad():
+            folded = {
+                "W_enc": tc.W_enc.float() * s, "b_enc": tc.b_enc, "threshold": tc.threshold,
+                "W_dec": tc.W_dec.float() / t, "b_dec": tc.b_dec.float() / t
+            }
+            if tc.W_skip is not None:
+                folded["W_skip"] = tc.W_skip.float() * (s / t)
+        out = JumpReLUTranscoder.from_params(folded, dtype=tc.dtype, device=self.device, backend=self.cfg.backend)
+        L, hp = self.cfg.layer, self.hook_points
+        # SAELens's names for Gemma Scope 2's transcoders: TransformerLens hooks in hook_name(_out),
+        # the Hugging Face module paths in hf_hook_name(_out); hf_hook_point_in/out as Gemma Scope 2's
+        # own config.json has them
+        out.metadata = {
+            "model_name": self.cfg.model, "hook_layer": L, "hook_name": f"blocks.{L}.hook_mlp_in",
+            "hook_name_out": f"blocks.{L}.hook_mlp_out", "hf_hook_name": hp["in"], "hf_hook_name_out": hp["out"],
+            "hf_hook_point_in": hp["in"], "hf_hook_point_out": hp["out"], "affine_skip": tc.affine_skip,
+            "normalization_scale_folded": s, "normalization_scale_out_folded": t
+        }
+        return out
 
     def save_checkpoint(self, path: str) -> str:
         """SAELens layout (folded weights, usable as is) + trainer_state.pt (exact resume).
@@ -211,8 +288,8 @@ class Trainer:
         self.folded_sae().save_pretrained(tmp)
         torch.save(
             {
-                "config": self.cfg.to_dict(), "step": self.step, "scale": self.scale, "sae": self.sae.state_dict(),
-                "optimizer": self.opt.state_dict(), "buffer": self.buffer.state_dict(),
+                "config": self.cfg.to_dict(), "step": self.step, "scale": self.scale, "scale_out": self.scale_out,
+                "sae": self.sae.state_dict(), "optimizer": self.opt.state_dict(), "buffer": self.buffer.state_dict(),
                 "last_fired": self.last_fired.cpu(), "torch_rng": torch.get_rng_state()
             }, os.path.join(tmp, "trainer_state.pt"))
         shutil.rmtree(path, ignore_errors=True)
@@ -229,17 +306,17 @@ class Trainer:
             raise CheckpointError(f"{f}: unreadable or corrupt checkpoint ({type(e).__name__}: {e})") from e
         if not isinstance(st, dict) or not {"config", "step", "sae", "optimizer", "buffer"} <= set(st):
             raise CheckpointError(f"{f}: corrupt checkpoint (missing trainer state entries)")
-        mine = self.cfg.to_dict()
+        mine, theirs = self.cfg.to_dict(), {**RESUME_DEFAULTS, **st["config"]}
         diff = [
-            f"{k}: checkpoint {st['config'].get(k)!r} vs this run {mine[k]!r}" for k in RESUME_KEYS
-            if st["config"].get(k) != mine[k]
+            f"{k}: checkpoint {theirs.get(k)!r} vs this run {mine[k]!r}" for k in RESUME_KEYS
+            if theirs.get(k) != mine[k]
         ]
         if diff:
             raise CheckpointError(f"{f}: checkpoint does not match this run: " + "; ".join(diff))
         self.sae.load_state_dict(st["sae"])
         self.opt.load_state_dict(st["optimizer"])
         self.buffer.load_state_dict(st["buffer"])
-        self.step, self.scale = st["step"], st["scale"]
+        self.step, self.scale, self.scale_out = st["step"], st["scale"], st.get("scale_out")
         self.last_fired = st["last_fired"].to(self.device)
         torch.set_rng_state(st["torch_rng"])
         self.buffer.source.load_state_dict(st["buffer"]["source"])
