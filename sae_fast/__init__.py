@@ -27,6 +27,7 @@ from .optim import SparseAdamB1Zero  # noqa: E402
 from .outputs import TrainingOutput  # noqa: E402
 from .sparse import SparseActs  # noqa: E402
 from .step import RowGrads  # noqa: E402
+from .steer import steering  # noqa: E402
 
 _load_extension()
 _load_triton()
@@ -34,5 +35,5 @@ _load_triton()
 __all__ = [
     "JumpReLUSAE", "JumpReLUTranscoder", "RowGrads", "SparseActs", "SparseAdamB1Zero", "TrainingOutput", "backends",
     "check_pending", "info", "jumprelu_encode", "jumprelu_encode_sparse", "jumprelu_sae_loss", "jumprelu_sae_row_grads",
-    "reference", "sparse_decode"
+    "reference", "sparse_decode", "steering"
 ]

@@ -19,6 +19,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("info", help="print versions, devices and which backends are available (and why not)")
     _add_train(sub)
     _add_bench(sub)
+    from .steer import add_parser as _add_steer
+
+    _add_steer(sub)
+    from .explore.commands import add_activations_parser, add_explore_parser
+
+    add_explore_parser(sub)
+    add_activations_parser(sub)
     pl = sub.add_parser("plan", help="memory model of one training step: bytes per part, and whether it fits a GPU",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     pl.add_argument("--d-in", type=int, required=True, help="input width")
@@ -151,7 +158,9 @@ def _add_train(sub) -> None:
     g.add_argument("--dtype", choices=DTYPE_NAMES, default=d.dtype, help="SAE weight dtype (threshold stays float32)")
     g.add_argument("--backend", choices=("auto", *BACKEND_NAMES), default=d.backend, help="sae_fast backend")
     g = t.add_argument_group("run")
-    g.add_argument("--out", default=d.out, help="output directory: sae/, checkpoints/, train_log.jsonl, metrics.json")
+    g.add_argument(
+        "--out", default=d.out, help="output directory, new or empty (else see --resume, --overwrite): sae/, "
+        "checkpoints/, train_log.jsonl, metrics.json, and superseded/ (what a --resume set aside)")
     g.add_argument("--buffer-tokens", type=int, default=None,
                    help=f"shuffled activation buffer size (default {d.buffer_tokens})")
     g.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:N")
@@ -163,7 +172,19 @@ def _add_train(sub) -> None:
     g.add_argument("--dead-window-tokens", type=int, default=None,
                    help=f"a feature not fired in this many tokens is dead (default {d.dead_window_tokens})")
     g.add_argument("--wandb-project", default=None, help="also log to this wandb project (if wandb is installed)")
-    g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint under --out")
+    g.add_argument(
+        "--explore-tokens", type=int, default=d.explore_tokens,
+        help="tokens the explore dashboard of the trained SAE reads, written to <out>/dashboard at the "
+        "end (0: no dashboard)")
+    g.add_argument(
+        "--resume", nargs="?", const=True, default=False, metavar="PATH",
+        help="continue the run under --out from its latest checkpoint, or from checkpoint PATH (a "
+        "checkpoints/step_N directory of --out; what the run wrote after that step is moved to "
+        "--out/superseded/); the settings that change the trained weights must match the checkpoint's")
+    g.add_argument(
+        "--overwrite", action="store_true",
+        help="delete the contents of a non-empty --out (a previous run) before training; without --resume or "
+        "--overwrite a non-empty --out is refused")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     del a
 
@@ -179,16 +200,16 @@ def train_config_from_args(args):
         v = getattr(args, name)
         if v is not None:
             kw[name] = v
-    return TrainConfig(model=args.model or EMBEDDED_MODEL, layer=args.layer, site=args.site, data=args.data or
-                       [EMBEDDED_TEXT], dataset=args.dataset, dataset_split=args.dataset_split,
-                       text_column=args.text_column, model_batch_size=args.model_batch_size,
-                       model_dtype=args.model_dtype, lr_decay_frac=args.lr_decay_frac, adam_beta1=args.adam_beta1,
-                       adam_beta2=args.adam_beta2, grad_clip=args.grad_clip, optimizer=args.optimizer,
-                       decoder_unit_norm=not args.no_decoder_norm, apply_b_dec_to_input=args.apply_b_dec_to_input,
-                       target_l0=args.target_l0, l0_loss=args.l0_loss, transcoder=args.transcoder,
-                       affine_skip=args.affine_skip, dtype=args.dtype, backend=args.backend, out=args.out,
-                       device=args.device, seed=args.seed, checkpoint_every=args.checkpoint_every,
-                       wandb_project=args.wandb_project, progress=not args.no_progress, **kw)
+    return TrainConfig(
+        model=args.model or EMBEDDED_MODEL, layer=args.layer, site=args.site, data=args.data or [EMBEDDED_TEXT],
+        dataset=args.dataset, dataset_split=args.dataset_split, text_column=args.text_column,
+        model_batch_size=args.model_batch_size, model_dtype=args.model_dtype, lr_decay_frac=args.lr_decay_frac,
+        adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, grad_clip=args.grad_clip, optimizer=args.optimizer,
+        decoder_unit_norm=not args.no_decoder_norm, apply_b_dec_to_input=args.apply_b_dec_to_input,
+        target_l0=args.target_l0, l0_loss=args.l0_loss, transcoder=args.transcoder, affine_skip=args.affine_skip,
+        dtype=args.dtype, backend=args.backend, out=args.out, device=args.device, seed=args.seed,
+        checkpoint_every=args.checkpoint_every, wandb_project=args.wandb_project, explore_tokens=args.explore_tokens,
+        progress=not args.no_progress, **kw)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -219,6 +240,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.contenders and args.contenders[0] != "dense":
             args.contenders = ["dense"] + [c for c in args.contenders if c != "dense"]
         return bench_main(args)
+    if args.command == "steer":
+        from .steer import run_cli
+
+        return run_cli(args, parser)
+    if args.command in ("explore", "activations"):
+        from .explore.commands import run_command
+
+        return run_command(args, parser)
     if args.command == "train":
         from .train import train
 
@@ -226,11 +255,24 @@ def main(argv: list[str] | None = None) -> int:
             cfg = train_config_from_args(args).validate()
         except ValueError as e:
             parser.error(str(e))
-        result = train(cfg, resume=args.resume)
+        if args.resume and args.overwrite:
+            parser.error("--resume and --overwrite exclude each other: --resume continues the run under --out, "
+                         "--overwrite deletes it and starts a new one; pass one of them")
+        from .train.config import TrainSetupError
+
+        try:
+            result = train(cfg, resume=args.resume, overwrite=args.overwrite)
+        except TrainSetupError as e:  # refused before any work: a usage error, not a traceback
+            parser.error(str(e))
         print(f"trained {'transcoder' if result['kind'] == 'transcoder' else 'SAE'} saved to {result['sae_path']}")
         for k, v in result.items():
-            if k not in ("sae_path", "kind"):
+            if k not in ("sae_path", "kind", "dashboard", "dashboard_features"):
                 print(f"  {k}: {v:.6g}" if isinstance(v, float) else f"  {k}: {v}")
+        if "dashboard" in result:
+            print(f"dashboard: {result['dashboard']}")
+            for f in result["dashboard_features"]:
+                print(f"  feature {f['feature']} (fires on {100 * f['frequency']:.1f}% of tokens): top tokens "
+                      f"{' · '.join(repr(t) for t in f['top_tokens'][:6])}")
         return 0
     parser.error(f"unknown command {args.command!r}")
     return 2

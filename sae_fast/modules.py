@@ -83,15 +83,20 @@ class JumpReLUSAE(nn.Module):
             self.W_skip.zero_()
 
     def _apply(self, fn, recurse=True):
-        # Keep threshold float32 through .to(dtype)/.half()/.bfloat16(): move it
-        # to the new device only, from its float32 value (no lossy round trip).
+        # Keep threshold float32 through .to(dtype)/.half()/.bfloat16(): where fn cast it, it is
+        # remade on its new device from the float32 value it had (no lossy round trip). Where fn
+        # kept it float32 (a device move, to_empty, float()), fn's result stands: re-copying the
+        # old tensor would fail for a meta one (to_empty after device="meta" init) and copy twice.
         thr = self.threshold.data
-        grad = self.threshold.grad
+        # .data: the cast replaces the gradient tensor's data in place, so keep the old data
+        grad = self.threshold.grad.data if self.threshold.grad is not None else None
         out = super()._apply(fn, recurse)
-        dev = self.W_enc.device
-        self.threshold.data = thr.to(device=dev, dtype=torch.float32)
-        if grad is not None:
-            self.threshold.grad = grad.to(device=dev, dtype=torch.float32)
+        new = self.threshold
+        if new.dtype != torch.float32:
+            # its gradient was cast with it: remade the same way
+            new.data = thr.to(device=new.device, dtype=torch.float32)
+            if grad is not None:
+                new.grad = grad.to(device=new.device, dtype=torch.float32)
         return out
 
     @property
@@ -135,7 +140,7 @@ class JumpReLUSAE(nn.Module):
         """x̂ from dense activations [..., d_sae] or from SparseActs."""
         if isinstance(acts, SparseActs):
             return ops.sparse_decode(acts, self.W_dec, self.b_dec, backend=self.backend)
-        check_input(acts, self.d_sae, self.dtype, name="acts")
+        check_input(acts, self.d_sae, self.dtype, name="acts", dim="d_sae")
         if acts.device != self.device:
             raise ValueError(f"acts is on {acts.device} but the SAE is on {self.device}")
         return acts @ self.W_dec + self.b_dec

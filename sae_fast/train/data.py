@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import torch
 
-from .config import EMBEDDED_MODEL, EMBEDDED_TEXT
+from .config import EMBEDDED_MODEL, EMBEDDED_TEXT, PathNotFoundError, TrainSetupError
 
 
 # ------------------------------------------------------------------- text
@@ -39,14 +39,16 @@ def iter_documents(data: list[str], dataset: str | None, split: str, text_column
             if isinstance(ds, datasets.DatasetDict):
                 ds = ds[split]
             if text_column not in ds.column_names:
-                raise ValueError(f"{item}: dataset has no column {text_column!r} (columns: {ds.column_names})")
+                raise TrainSetupError(f"{item}: dataset has no column {text_column!r} (columns: {ds.column_names}); "
+                                      f"pass the text's column as --text-column")
             for row in ds:
                 yield row[text_column]
         elif os.path.isdir(item):
             files = sorted(p for p in glob.glob(os.path.join(item, "**", "*"), recursive=True)
                            if os.path.isfile(p) and p.endswith((".txt", ".md", ".text")))
             if not files:
-                raise ValueError(f"{item}: directory holds no .txt/.md/.text files")
+                raise TrainSetupError(f"{item}: directory holds no .txt/.md/.text files (--data expects text files, "
+                                      f"or a directory or saved dataset of them)")
             for p in files:
                 with open(p, encoding="utf-8", errors="replace") as f:
                     yield f.read()
@@ -54,29 +56,76 @@ def iter_documents(data: list[str], dataset: str | None, split: str, text_column
             with open(item, encoding="utf-8", errors="replace") as f:
                 yield f.read()
         else:
-            raise FileNotFoundError(f"data path {item!r} does not exist")
+            raise PathNotFoundError(f"data path {item!r} does not exist")
 
 
 def check_data_paths(data: list[str], dataset: str | None) -> None:
+    """Every --data path exists (before anything is loaded)."""
     if dataset is not None:
         return
     if not data:
-        raise ValueError(
+        raise TrainSetupError(
             "no training data: pass --data PATH (a text file, directory or saved dataset) or --dataset NAME")
     for item in data:
         if item != EMBEDDED_TEXT and not os.path.exists(item):
-            raise FileNotFoundError(f"data path {item!r} does not exist")
+            raise PathNotFoundError(f"data path {item!r} does not exist (--data expects a text file, a directory of "
+                                    f".txt/.md/.text files or a saved `datasets` dataset)")
+
+
+def check_data_text(data: list[str], dataset: str | None, split: str, text_column: str) -> None:
+    """Every --data path yields some text: an empty file, or a directory or saved dataset whose
+    documents are all blank, is refused by name. A hub --dataset is not read here (that needs
+    the network and would stream it twice); its emptiness shows when training starts."""
+    if dataset is not None:
+        return
+    for item in data:
+        if item == EMBEDDED_TEXT:
+            continue
+        if not any(doc.strip() for doc in iter_documents([item], None, split, text_column)):
+            raise TrainSetupError(f"data path {item!r} holds no text (every document in it is empty); "
+                                  f"--data expects text to train on")
+
+
+def check_token_count(tokenizer, documents_fn, context_length: int, eval_contexts: int, what: str) -> None:
+    """The data packs into at least eval_contexts + 1 contexts of context_length: the held-out
+    ones and one to train on (TokenStream's packing, counted on the tokenizer before the model
+    loads). `what` names the data in the error. A long document is counted on a prefix first
+    (the tokens before the cut are the whole document's), so a huge file is not tokenized twice."""
+    body = context_length - (1 if tokenizer.bos_token_id is not None else 0)
+    need, have = (eval_contexts + 1) * body, 0
+    count = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    prefix_chars = 8 * need + 4096  # more characters than the tokens still needed, whatever the tokenizer
+    for doc in documents_fn():
+        if len(doc) > prefix_chars and count(doc[:prefix_chars]) - 64 >= need - have:
+            return  # the prefix alone has enough, with a margin for the tokens the cut changes
+        have += count(doc)
+        if have >= need:
+            return
+    contexts = have // body
+    if contexts == 0:
+        after_bos = " after BOS" if tokenizer.bos_token_id is not None else ""
+        raise TrainSetupError(f"{what} holds {have} tokens, fewer than one context of --context-length "
+                              f"{context_length} needs ({body}{after_bos}); lower --context-length or add data")
+    raise TrainSetupError(f"{what} holds {have} tokens: {contexts} context(s) of --context-length {context_length}, "
+                          f"and --eval-contexts {eval_contexts} holds the first {eval_contexts} out, leaving none to "
+                          f"train on; lower --eval-contexts or --context-length, or add data")
 
 
 class TokenStream:
     """Fixed-length contexts [BOS, t1, ..., t_{L-1}] packed from the documents, in order,
-    cycling through the data when it runs out. `position` counts contexts produced."""
+    cycling through the data when it runs out. `position` counts contexts produced.
 
-    def __init__(self, tokenizer, documents_fn, context_length: int, position: int = 0):
+    held_out: the first contexts of the text are held out (the evaluation's): the first pass
+    yields them (they are taken first), every later pass skips them, so a run that cycles
+    through its text never trains on its evaluation contexts (packing starts afresh at each
+    pass, so the same contexts would come back)."""
+
+    def __init__(self, tokenizer, documents_fn, context_length: int, position: int = 0, held_out: int = 0):
         self.tok = tokenizer
         self.documents_fn = documents_fn
         self.L = context_length
         self.bos = tokenizer.bos_token_id
+        self.held_out = int(held_out)
         self.position = 0
         self._gen = self._contexts()
         for _ in range(position):
@@ -84,26 +133,47 @@ class TokenStream:
 
     def _contexts(self) -> Iterator[torch.Tensor]:
         body = self.L - (1 if self.bos is not None else 0)
+        first_pass = True
         while True:
             pending: list[int] = []
-            produced = False
+            produced = 0
             for doc in self.documents_fn():
                 pending.extend(self.tok(doc, add_special_tokens=False)["input_ids"])
                 while len(pending) >= body:
                     ids = ([self.bos] if self.bos is not None else []) + pending[:body]
                     pending = pending[body:]
-                    produced = True
+                    produced += 1
+                    if not first_pass and produced <= self.held_out:
+                        continue
                     self.position += 1
                     yield torch.tensor(ids, dtype=torch.long)
-            if not produced:
-                raise ValueError(f"the training text holds fewer than {body} tokens: not one context of "
-                                 f"length {self.L} can be packed; lower --context-length or add data")
+            if produced <= (0 if first_pass else self.held_out):
+                raise ValueError(f"the training text holds fewer than {body} tokens beyond the {self.held_out} "
+                                 f"held-out contexts: not one training context of length {self.L} can be packed; "
+                                 f"lower --context-length or --eval-contexts, or add data")
+            first_pass = False
 
     def next(self, n: int) -> torch.Tensor:
         return torch.stack([next(self._gen) for _ in range(n)])
 
 
 # ------------------------------------------------------------------ model
+def looks_like_local_path(model: str) -> bool:
+    """Whether --model names a local path rather than a hub repo id ("name" or "namespace/name"):
+    absolute, starting with . or ~, holding a backslash or more than one /, or ending in .gguf."""
+    return (os.path.isabs(model) or model.startswith((".", "~")) or "\\" in model or model.count("/") > 1 or
+            model.endswith(".gguf"))
+
+
+def check_model_path(model: str) -> None:
+    """A --model that is a local path must exist (a hub name is left to transformers)."""
+    if model == EMBEDDED_MODEL or os.path.exists(os.path.expanduser(model)):
+        return
+    if looks_like_local_path(model):
+        raise PathNotFoundError(f"--model {model!r}: no such file or directory; --model expects an existing model "
+                                f"directory or .gguf file, or a hub name such as 'google/gemma-2-2b'")
+
+
 def resolve_model_path(model: str) -> tuple[str, dict]:
     """(path or hub name, extra from_pretrained kwargs)."""
     if model == EMBEDDED_MODEL:
@@ -111,16 +181,98 @@ def resolve_model_path(model: str) -> tuple[str, dict]:
 
         p = g.assemble()  # joins the PyPI chunks into ~/.cache once
         return str(p.parent), {"gguf_file": p.name}
+    if model.startswith("~"):
+        model = os.path.expanduser(model)  # a quoted ~ reaches us unexpanded; transformers would not expand it
     if model.endswith(".gguf") and os.path.isfile(model):
         return os.path.dirname(os.path.abspath(model)), {"gguf_file": os.path.basename(model)}
     return model, {}
 
 
-def load_model(model: str, device: torch.device, dtype: torch.dtype):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+# GGUF metadata value types (the GGUF spec): fixed sizes, 8 = string, 9 = array
+_GGUF_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_GGUF_INTS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 10: "<Q", 11: "<q"}
+
+
+def gguf_block_count(path: str) -> int | None:
+    """`<arch>.block_count` (the decoder layer count) from a GGUF file's header, or None where
+    the header does not give it. Reads only the key-value pairs up to it (the architecture's
+    keys come before the tokenizer's): transformers' and gguf's readers parse the whole
+    header, vocabulary included, about 25 s for the embedded model."""
+    import struct
+
+    with open(path, "rb") as f:
+        read = lambda fmt: struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]  # noqa: E731
+        if f.read(4) != b"GGUF" or read("<I") < 2:  # version 1 had 32-bit lengths
+            return None
+        read("<Q")  # tensor count
+        arch = None
+        for _ in range(read("<Q")):
+            key = f.read(read("<Q")).decode("utf-8", "replace")
+            vtype = read("<I")
+            if vtype == 8:
+                value = f.read(read("<Q")).decode("utf-8", "replace")
+            elif vtype in _GGUF_INTS:
+                value = read(_GGUF_INTS[vtype])
+            elif vtype in _GGUF_SIZES:
+                f.seek(_GGUF_SIZES[vtype], 1)
+                value = None
+            elif vtype == 9:
+                etype, n = read("<I"), read("<Q")
+                if etype == 8:
+                    for _ in range(n):
+                        f.seek(read("<Q"), 1)
+                elif etype in _GGUF_SIZES:
+                    f.seek(n * _GGUF_SIZES[etype], 1)
+                else:
+                    return None  # nested arrays: not worth following for one integer
+                value = None
+            else:
+                return None
+            if key == "general.architecture":
+                arch = value
+            elif arch is not None and key == f"{arch}.block_count":
+                return int(value)
+    return None
+
+
+def layer_count(model: str) -> int | None:
+    """The decoder layer count of --model from its config alone (no weights loaded): a GGUF
+    file's header, else transformers' AutoConfig. None where the config does not say."""
+    path, kw = resolve_model_path(model)
+    if "gguf_file" in kw:
+        return gguf_block_count(os.path.join(path, kw["gguf_file"]))
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(path)
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    for name in ("num_hidden_layers", "n_layer", "num_layers"):
+        n = getattr(cfg, name, None)
+        if isinstance(n, int):
+            return n
+    return None
+
+
+def check_layer(model: str, layer: int) -> None:
+    """--layer exists in --model (read from its config before the weights load)."""
+    n = layer_count(model)
+    if n is not None and not 0 <= layer < n:
+        raise TrainSetupError(f"--layer {layer} does not exist: {model} has {n} decoder layers, valid --layer values "
+                              f"are 0..{n - 1}")
+
+
+def load_tokenizer(model: str):
+    from transformers import AutoTokenizer
 
     path, kw = resolve_model_path(model)
-    tok = AutoTokenizer.from_pretrained(path, **kw)
+    return AutoTokenizer.from_pretrained(path, **kw)
+
+
+def load_model(model: str, device: torch.device, dtype: torch.dtype, tokenizer=None):
+    """(the causal LM in eval mode, frozen; its tokenizer, loaded unless given)."""
+    from transformers import AutoModelForCausalLM
+
+    path, kw = resolve_model_path(model)
+    tok = tokenizer if tokenizer is not None else load_tokenizer(model)
     lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw).to(device).eval()
     for p in lm.parameters():
         p.requires_grad_(False)
@@ -297,7 +449,8 @@ class ModelActivationSource:
         return {"position": self.stream.position}
 
     def load_state_dict(self, s: dict) -> None:
-        self.stream = TokenStream(self.stream.tok, self.stream.documents_fn, self.stream.L, s["position"])
+        self.stream = TokenStream(self.stream.tok, self.stream.documents_fn, self.stream.L, s["position"],
+                                  held_out=self.stream.held_out)
 
 
 class SyntheticActivationSource:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
 import time
 
@@ -12,7 +13,7 @@ import torch
 
 from ..dtypes import DTYPES as _DTYPES
 from ..modules import JumpReLUTranscoder
-from .config import TrainConfig
+from .config import TrainConfig, TrainSetupError
 from .data import (
     MLPSites,
     ModelActivations,
@@ -20,18 +21,158 @@ from .data import (
     ModelTranscoderActivations,
     TokenStream,
     check_data_paths,
+    check_data_text,
+    check_layer,
+    check_model_path,
+    check_token_count,
     hook_module,
     iter_documents,
     load_model,
+    load_tokenizer,
 )
-from .trainer import Trainer, latest_checkpoint, pick_device
+from .trainer import (
+    CheckpointError,
+    Trainer,
+    check_resume_config,
+    list_checkpoints,
+    pick_device,
+    read_checkpoint,
+    resume_checkpoint,
+)
+
+
+def strict_json(v):
+    """v with every NaN/inf float (an undefined metric: the dead fraction before its first
+    window, an FVU of constant targets) replaced by None, so json.dumps(..., allow_nan=False)
+    writes strict JSON (null) that any parser reads."""
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {k: strict_json(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [strict_json(x) for x in v]
+    return v
+
+
+def _dumps(rec, **kw) -> str:
+    return json.dumps(strict_json(rec), allow_nan=False, **kw)
+
+
+# ------------------------------------------------------------------- --out
+# What a run writes under --out, so what --overwrite may delete (and their temporaries).
+RUN_ENTRIES = ("sae", "checkpoints", "train_log.jsonl", "metrics.json", "superseded", "dashboard")
+LOG_NAME = "train_log.jsonl"
+
+
+def _is_run_entry(name: str) -> bool:
+    return name in RUN_ENTRIES or name.endswith(".tmp") and name[:-4] in RUN_ENTRIES
+
+
+def _show(names: list[str], n: int = 6) -> str:
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def check_out_dir(out: str, resume, overwrite: bool) -> None:
+    """Refuse (TrainSetupError) --resume with --overwrite, an --out that is a file, and a
+    non-empty --out without either; with --overwrite, an --out holding anything a run does not
+    write (--overwrite deletes run directories only, never someone's other files)."""
+    if resume and overwrite:
+        raise TrainSetupError("--resume and --overwrite exclude each other: --resume continues the run under --out, "
+                              "--overwrite deletes it and starts a new one; pass one of them")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise TrainSetupError(f"--out {out!r} is a file; --out expects a directory (new, empty, or holding a run)")
+    entries = sorted(os.listdir(out)) if os.path.isdir(out) else []
+    if not entries or resume:
+        return
+    if not overwrite:
+        raise TrainSetupError(f"--out {out!r} is not empty (it holds {_show(entries)}): pass --resume to continue the "
+                              f"run in it, or --overwrite to delete its contents and start a new run (or choose "
+                              f"another --out)")
+    foreign = [e for e in entries if not _is_run_entry(e)]
+    if foreign:
+        raise TrainSetupError(f"--overwrite: --out {out!r} holds {_show(foreign)}, which a sae-fast run does not "
+                              f"write; --overwrite deletes only a run's own entries ({', '.join(RUN_ENTRIES)}): "
+                              f"move the rest away or choose another --out")
+
+
+def _clear_out_dir(out: str) -> None:
+    entries = sorted(os.listdir(out))
+    for e in entries:
+        p = os.path.join(out, e)
+        shutil.rmtree(p) if os.path.isdir(p) and not os.path.islink(p) else os.remove(p)
+    print(f"sae-fast: --overwrite: deleted {', '.join(entries)} from {out}", file=sys.stderr)
+
+
+def _split_log(path: str, step: int) -> tuple[list[dict], list[str]]:
+    """(the records of steps <= step, the raw lines after them: later steps and any line
+    that does not parse, such as one cut short by a crash)."""
+    keep, cut = [], []
+    if not os.path.isfile(path):
+        return keep, cut
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)  # lenient: logs written before this release hold NaN
+            except ValueError:
+                rec = None
+            if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= step:
+                keep.append(rec)
+            else:
+                cut.append(line if line.endswith("\n") else line + "\n")
+    return keep, cut
+
+
+def _write_atomic(path: str, text: str) -> None:
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def _set_aside(out: str, step: int, steps: int) -> dict:
+    """Resuming at `step`: what the run under `out` did after that step belongs to no run any
+    more (a continuation that is replaced), so it is moved, never mixed in nor deleted, to
+    out/superseded/after_step_<step>_<time>/: the checkpoints of later steps, the final sae/
+    and metrics.json (unless the run ended at `step` itself: they are then written again,
+    the same) and the train_log.jsonl records of later steps. The log keeps steps <= step,
+    rewritten as strict JSON. Returns the log's last kept record (the step's metrics) or {}."""
+    later = [p for n, p in list_checkpoints(out) if n > step]
+    ends = [e for e in ("sae", "metrics.json") if step < steps and os.path.exists(os.path.join(out, e))]
+    log = os.path.join(out, LOG_NAME)
+    keep, cut = _split_log(log, step)
+    if os.path.isfile(log):
+        _write_atomic(log, "".join(_dumps(r) + "\n" for r in keep))
+    if later or ends or cut:
+        base = os.path.join(out, "superseded", f"after_step_{step:09d}_{time.strftime('%Y%m%d-%H%M%S')}")
+        dest, i = base, 1
+        while os.path.exists(dest):
+            i += 1
+            dest = f"{base}_{i}"
+        os.makedirs(dest)
+        moved = []
+        if later:
+            os.makedirs(os.path.join(dest, "checkpoints"))
+            for p in later:
+                os.replace(p, os.path.join(dest, "checkpoints", os.path.basename(p)))
+            moved.append("checkpoints " + ", ".join(os.path.basename(p) for p in later))
+        for e in ends:
+            os.replace(os.path.join(out, e), os.path.join(dest, e))
+            moved.append(e + ("/" if e == "sae" else ""))
+        if cut:
+            with open(os.path.join(dest, LOG_NAME), "w", encoding="utf-8") as f:
+                f.writelines(cut)
+            moved.append(f"{len(cut)} {LOG_NAME} line(s)")
+        print(f"sae-fast: resuming at step {step}: moved what the run wrote after it ({'; '.join(moved)}) to {dest}",
+              file=sys.stderr)
+    return keep[-1] if keep and keep[-1].get("step") == step else {}
 
 
 class _Logger:
     """JSON lines always; a tqdm bar and wandb when asked and available."""
 
     def __init__(self, cfg: TrainConfig, path: str, total: int, start: int):
-        self.f = open(path, "a")
+        self.f = open(path, "a", encoding="utf-8")
         self.bar = None
         if cfg.progress:
             from tqdm import tqdm
@@ -49,7 +190,7 @@ class _Logger:
                       file=sys.stderr)
 
     def __call__(self, rec: dict, show: bool):
-        self.f.write(json.dumps(rec) + "\n")
+        self.f.write(_dumps(rec) + "\n")
         self.f.flush()
         if self.wandb is not None:
             self.wandb.log(rec, step=rec.get("step"))
@@ -182,41 +323,83 @@ def evaluate_transcoder(tc: JumpReLUTranscoder, model, tokenizer, layer: int, co
 
 
 def train(cfg: TrainConfig, *, source=None, d_in: int | None = None, d_out: int | None = None,
-          resume: bool = False) -> dict:
+          resume: bool | str = False, overwrite: bool = False) -> dict:
     """Train an SAE, or with cfg.transcoder a transcoder. With `source` (anything with
     next_chunk/state_dict/load_state_dict) and `d_in` (and a transcoder's `d_out`, default
     d_in: the source then yields [tokens, d_in + d_out] rows, input then target), no model is
     loaded (synthetic or precomputed activations); otherwise the model and text of `cfg` are
-    used. Returns the final metrics and where the SAE (or transcoder) was saved."""
+    used. Returns the final metrics and where the SAE (or transcoder) was saved.
+
+    A non-empty cfg.out is refused unless `resume` (True: continue from its latest checkpoint;
+    a path: from that checkpoints/step_N directory of cfg.out, setting aside what came after
+    it, see _set_aside) or `overwrite` (delete its contents first). Everything that can be
+    checked without the model's weights is checked before they load (TrainSetupError naming
+    the setting): the output directory, the checkpoint and its settings, the model path, the
+    layer, the data. Nothing under cfg.out changes until the model is loaded and the trainer
+    built."""
     cfg.validate()
     device = pick_device(cfg.device)
-    os.makedirs(cfg.out, exist_ok=True)
-    model = tok = eval_ctx = hook_points = None
+    check_out_dir(cfg.out, resume, overwrite)
+    ckpt = state = None
+    changes: list[str] = []
+    if resume:
+        ckpt = resume_checkpoint(cfg.out, resume)
+        if ckpt is not None:
+            try:
+                state = read_checkpoint(ckpt)
+            except CheckpointError as e:
+                earlier = [p for _, p in list_checkpoints(cfg.out) if os.path.realpath(p) != os.path.realpath(ckpt)]
+                if resume is True and earlier:
+                    raise CheckpointError(f"{e}; to continue from an earlier checkpoint, pass --resume "
+                                          f"{earlier[-1]}") from e
+                raise
+            changes = check_resume_config(state, cfg, ckpt)
+    tok = None
     if source is None:
         check_data_paths(cfg.data, cfg.dataset)
-        model, tok = load_model(cfg.model, device, _DTYPES[cfg.model_dtype])
-        # built before any work: rejects a bad layer/site
+        check_model_path(cfg.model)
+        check_layer(cfg.model, cfg.layer)
+        check_data_text(cfg.data, cfg.dataset, cfg.dataset_split, cfg.text_column)
+        docs = lambda: iter_documents(cfg.data, cfg.dataset, cfg.dataset_split, cfg.text_column)  # noqa: E731
+        tok = load_tokenizer(cfg.model)
+        if cfg.dataset is None:
+            check_token_count(tok, docs, cfg.context_length, cfg.eval_contexts,
+                              "--data " + ", ".join(repr(d) for d in cfg.data))
+    model = eval_ctx = hook_points = None
+    if source is None:
+        model, tok = load_model(cfg.model, device, _DTYPES[cfg.model_dtype], tokenizer=tok)
+        # built before any work: rejects a site the layer lacks
         if cfg.transcoder:
             acts = ModelTranscoderActivations(model, tok, cfg.layer)
             hook_points = acts.hook_points
         else:
             acts = ModelActivations(model, tok, cfg.layer, cfg.site)
-        docs = lambda: iter_documents(cfg.data, cfg.dataset, cfg.dataset_split, cfg.text_column)  # noqa: E731
-        stream = TokenStream(tok, docs, cfg.context_length)
+        stream = TokenStream(tok, docs, cfg.context_length, held_out=cfg.eval_contexts)
         eval_ctx = stream.next(cfg.eval_contexts) if cfg.eval_contexts else None
         source = ModelActivationSource(acts, stream, cfg.model_batch_size)
         # a decoder layer's MLP maps the residual width to itself
         d_in = d_out = (model.config.hidden_size
                         if hasattr(model.config, "hidden_size") else model.config.get_text_config().hidden_size)
     trainer = Trainer(cfg, source, d_in, d_out=d_out, device=device, hook_points=hook_points)
-    ckpt = latest_checkpoint(cfg.out) if resume else None
-    if resume and ckpt is None:
-        print(f"sae-fast: --resume: no checkpoint under {cfg.out}/checkpoints; starting fresh", file=sys.stderr)
-    if ckpt:
-        trainer.load_checkpoint(ckpt)
-        print(f"sae-fast: resumed from {ckpt} at step {trainer.step}", file=sys.stderr)
-    log = _Logger(cfg, os.path.join(cfg.out, "train_log.jsonl"), cfg.steps, trainer.step)
+    if state is not None:
+        trainer.load_state(state)
+        del state
+    # Everything is checked and loaded (the model too, which rejects a site the layer lacks):
+    # only now does anything under --out change.
+    if overwrite and os.path.isdir(cfg.out) and os.listdir(cfg.out):
+        _clear_out_dir(cfg.out)
+    os.makedirs(cfg.out, exist_ok=True)
     last = {}
+    if resume:
+        if ckpt is None:
+            print(f"sae-fast: --resume: no checkpoint under {cfg.out}/checkpoints; starting fresh", file=sys.stderr)
+        else:
+            print(f"sae-fast: resumed from {ckpt} at step {trainer.step}", file=sys.stderr)
+            for c in changes:
+                print(f"sae-fast: resumed with a changed setting that does not change the weights: {c}",
+                      file=sys.stderr)
+        last = _set_aside(cfg.out, trainer.step, cfg.steps)
+    log = _Logger(cfg, os.path.join(cfg.out, "train_log.jsonl"), cfg.steps, trainer.step)
     t0 = time.perf_counter()
     try:
         while trainer.step < cfg.steps:
@@ -250,6 +433,17 @@ def train(cfg: TrainConfig, *, source=None, d_in: int | None = None, d_out: int 
     if model is not None and eval_ctx is not None and eval_ctx.shape[0]:
         final.eval()
         result.update(evaluate(final, model, tok, cfg.layer, cfg.site, eval_ctx, cfg.model_batch_size))
-    with open(os.path.join(cfg.out, "metrics.json"), "w") as f:
-        json.dump(result, f, indent=2, default=lambda v: None if isinstance(v, float) and math.isnan(v) else v)
+    if model is not None and cfg.explore_tokens > 0:
+        # the main job shows what it trained: the explore dashboard of the saved SAE
+        from ..explore import explore_dashboard
+
+        docs = lambda: iter_documents(cfg.data, cfg.dataset, cfg.dataset_split, cfg.text_column)  # noqa: E731
+        dash = explore_dashboard(final, model, tok, TokenStream(tok, docs, cfg.context_length),
+                                 os.path.join(cfg.out, "dashboard"), tokens=cfg.explore_tokens,
+                                 context_length=cfg.context_length, batch_size=cfg.model_batch_size,
+                                 progress=cfg.progress, model_name=cfg.model)
+        result["dashboard"] = dash["index_html"]
+        result["dashboard_features"] = dash["features"]
+    # strict JSON: an undefined metric (NaN) is null
+    _write_atomic(os.path.join(cfg.out, "metrics.json"), _dumps(result, indent=2) + "\n")
     return result

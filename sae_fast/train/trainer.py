@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 import time
 
@@ -13,11 +14,11 @@ from ..dtypes import DTYPES
 from ..modules import JumpReLUSAE, JumpReLUTranscoder
 from ..step import remove_parallel_component
 from ..hooks import HookPoint
-from .config import RESUME_DEFAULTS, RESUME_KEYS, TrainConfig
+from .config import TrainConfig, TrainSetupError, resume_differences
 from .data import transcoder_hook_points
 
 
-class CheckpointError(ValueError):
+class CheckpointError(TrainSetupError):
     """A checkpoint that cannot be resumed; the message names the file and what is wrong."""
 
 
@@ -292,27 +293,26 @@ class Trainer:
                 "sae": self.sae.state_dict(), "optimizer": self.opt.state_dict(), "buffer": self.buffer.state_dict(),
                 "last_fired": self.last_fired.cpu(), "torch_rng": torch.get_rng_state()
             }, os.path.join(tmp, "trainer_state.pt"))
-        shutil.rmtree(path, ignore_errors=True)
+        # Rewriting a checkpoint (a resumed finished run writes its last one again): the old one
+        # is renamed aside, not deleted, until the new one is in place.
+        old = path + ".old"
+        if os.path.exists(path):
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
         os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
         return path
 
     def load_checkpoint(self, path: str) -> None:
-        f = os.path.join(path, "trainer_state.pt")
-        if not os.path.isfile(f):
-            raise CheckpointError(f"{f}: no trainer state (not a sae-fast checkpoint directory?)")
-        try:
-            st = torch.load(f, map_location="cpu", weights_only=False)
-        except Exception as e:
-            raise CheckpointError(f"{f}: unreadable or corrupt checkpoint ({type(e).__name__}: {e})") from e
-        if not isinstance(st, dict) or not {"config", "step", "sae", "optimizer", "buffer"} <= set(st):
-            raise CheckpointError(f"{f}: corrupt checkpoint (missing trainer state entries)")
-        mine, theirs = self.cfg.to_dict(), {**RESUME_DEFAULTS, **st["config"]}
-        diff = [
-            f"{k}: checkpoint {theirs.get(k)!r} vs this run {mine[k]!r}" for k in RESUME_KEYS
-            if theirs.get(k) != mine[k]
-        ]
-        if diff:
-            raise CheckpointError(f"{f}: checkpoint does not match this run: " + "; ".join(diff))
+        """Continue from checkpoint directory `path`; CheckpointError (naming the file) if it is
+        unreadable or its settings differ from this run's in anything but RESUME_FREE."""
+        st = read_checkpoint(path)
+        check_resume_config(st, self.cfg, path)
+        self.load_state(st)
+
+    def load_state(self, st: dict) -> None:
+        """The trainer state of a checkpoint read by read_checkpoint (and checked against this
+        run's settings by check_resume_config)."""
         self.sae.load_state_dict(st["sae"])
         self.opt.load_state_dict(st["optimizer"])
         self.buffer.load_state_dict(st["buffer"])
@@ -322,9 +322,65 @@ class Trainer:
         self.buffer.source.load_state_dict(st["buffer"]["source"])
 
 
-def latest_checkpoint(out: str) -> str | None:
+def read_checkpoint(path: str) -> dict:
+    """The trainer state saved in checkpoint directory `path` (on the CPU), or CheckpointError
+    naming the file: missing, unreadable or lacking entries."""
+    f = os.path.join(path, "trainer_state.pt")
+    if not os.path.isfile(f):
+        raise CheckpointError(f"{f}: no trainer state (not a sae-fast checkpoint directory?)")
+    try:
+        st = torch.load(f, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise CheckpointError(f"{f}: unreadable or corrupt checkpoint ({type(e).__name__}: {e})") from e
+    if not isinstance(st, dict) or not {"config", "step", "sae", "optimizer", "buffer", "last_fired", "torch_rng"
+                                        } <= set(st) or not isinstance(st["config"], dict):
+        raise CheckpointError(f"{f}: corrupt checkpoint (missing trainer state entries)")
+    return st
+
+
+def check_resume_config(st: dict, cfg: TrainConfig, path: str) -> list[str]:
+    """Refuse (CheckpointError naming every differing setting, its checkpoint value and this
+    run's) to resume checkpoint state `st` with settings that change the run; returns the
+    RESUME_FREE settings that differ (allowed: they do not change the trained weights)."""
+    mismatches, changes = resume_differences(st["config"], cfg)
+    if mismatches:
+        raise CheckpointError(f"{os.path.join(path, 'trainer_state.pt')}: checkpoint does not match this run in "
+                              f"{len(mismatches)} setting(s): " + "; ".join(mismatches) + ". Resume with the "
+                              "checkpoint's settings, or start a new run (another --out, or --overwrite)")
+    return changes
+
+
+_STEP_DIR = re.compile(r"step_(\d+)")
+
+
+def list_checkpoints(out: str) -> list[tuple[int, str]]:
+    """(step, directory) of each finished checkpoint under out/checkpoints, by step
+    (half-written .tmp and replaced .old directories are not checkpoints)."""
     d = os.path.join(out, "checkpoints")
     if not os.path.isdir(d):
-        return None
-    steps = sorted(p for p in os.listdir(d) if p.startswith("step_") and not p.endswith(".tmp"))
-    return os.path.join(d, steps[-1]) if steps else None
+        return []
+    found = [(int(m.group(1)), os.path.join(d, p)) for p in os.listdir(d) if (m := _STEP_DIR.fullmatch(p))]
+    return sorted(found)
+
+
+def latest_checkpoint(out: str) -> str | None:
+    found = list_checkpoints(out)
+    return found[-1][1] if found else None
+
+
+def resume_checkpoint(out: str, resume: bool | str) -> str | None:
+    """The checkpoint `--resume` names: True, the latest under out/checkpoints (None if there is
+    none); a path, that checkpoint, which must be a checkpoints/step_N directory of `out`."""
+    if resume is True:
+        return latest_checkpoint(out)
+    path = os.fspath(resume)
+    want = os.path.realpath(os.path.join(out, "checkpoints"))
+    where = os.path.realpath(os.path.dirname(os.path.abspath(path.rstrip("/\\"))))
+    name = os.path.basename(path.rstrip("/\\"))
+    mine = ", ".join(os.path.basename(p) for _, p in list_checkpoints(out)) or "none"
+    if where != want or not _STEP_DIR.fullmatch(name):
+        raise CheckpointError(f"--resume {path!r}: expected a checkpoints/step_N directory of --out {out!r} (its "
+                              f"checkpoints: {mine}); to continue another run, pass its directory as --out")
+    if not os.path.isdir(path):
+        raise CheckpointError(f"--resume {path!r}: no such checkpoint (checkpoints of --out {out!r}: {mine})")
+    return path
