@@ -54,7 +54,7 @@ def test_bad_params():
 
 
 def test_dense_decode_checks(sae):
-    with pytest.raises(ValueError, match="acts must have last dimension d_in=16"):
+    with pytest.raises(ValueError, match="acts must have last dimension d_sae=16"):
         sae.decode(torch.randn(2, 15))
     sp = sae_fast.SparseActs.from_dense(torch.randn(2, 15))
     with pytest.raises(ValueError, match="acts.d_sae=15"):
