@@ -27,6 +27,7 @@ Writes benchmarks/results/explore_<device>.{json,md}.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 
 import torch
@@ -166,7 +167,8 @@ def stats_step(a, dev: torch.device) -> list[dict]:
             fn(x)
         states[name] = st
     base = states[next(iter(full))]
-    l0 = float(base.fire_count.sum()) / base.n_tokens
+    with torch.no_grad():  # the L0 of the timed inputs (the third check input is scaled up)
+        l0 = statistics.mean(float(sae.encode_sparse(x).counts.float().mean()) for x in wl.xs)
     errs = {name: _check(base, st) for name, st in states.items()}
     timed = _interleaved({name: stepper(make()) for name, (make, stepper) in full.items()}, wl.xs, 3, a.reps)
     rows = [{"part": "step", "contender": name, "max_rel_err_vs_dense": errs[name], "correct": True, **timed[name]}
@@ -288,14 +290,20 @@ def main(argv=None):
     ap.add_argument("--e2e-tokens", type=int, default=8192, help="tokens per end-to-end run")
     ap.add_argument("--e2e-batch-size", type=int, default=8, help="contexts per forward")
     ap.add_argument("--e2e-reps", type=int, default=3, help="end-to-end runs (after one warm-up)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--out", default=None, help="result name (default explore_<device>)")
     a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     dev = torch.device(a.device)
+    # the machine's load before and after: other processes on the cores slow every contender
+    load_before = os.getloadavg()
     rows = []
     for d_sae in a.d_sae:
         rows += stats_step(argparse.Namespace(**{**vars(a), "d_sae": d_sae}), dev)
     e2e = None if a.no_e2e else end_to_end(a, dev)
     env = environment()
+    env["load_average_1_5_15_min"] = {"before": list(load_before), "after": list(os.getloadavg())}
     cfg = {
         k: getattr(a, k)
         for k in ("device", "d_in", "d_sae", "tokens", "context_length", "l0", "top_k", "dtype", "reps", "e2e_tokens",
@@ -307,15 +315,16 @@ def main(argv=None):
         f"{a.d_in}, target L0 {a.l0}, top-k {a.top_k}, 40 histogram bins, {a.dtype}; median of {a.reps} runs after 3 "
         f"warm-ups, 2 rotated inputs, the contenders' runs interleaved; every contender checked against the dense "
         f"one first; statistics only: the same step on the encoders' outputs computed beforehand. "
+        f"Load average (1 min) before/after: {load_before[0]:.1f}/{os.getloadavg()[0]:.1f}. "
         f"torch {env['torch']}, sae_fast {env['sae_fast']}, commit {env['commit'][:12]}, {env['date']}.", "",
         "| d_sae | part | contender | median ms | p25–p75 ms | tokens/s | speedup vs dense | correct |",
         "|---|---|---|---|---|---|---|---|"
     ]
     for r in rows:
-        md.append(
-            f"| {r['d_sae']} | {r['part']} | {r['contender']} | {r['median_s'] * 1e3:.2f} | {r['p25_s'] * 1e3:.2f}–"
-            f"{r['p75_s'] * 1e3:.2f} | {r['tokens_per_s']:.0f} | {r['speedup_vs_dense']:.2f}× | "
-            f"{'yes' if r['correct'] else 'NO'} |")
+        md.append(f"| {r['d_sae']} (L0 {r['measured_l0']:.0f}) | {r['part']} | {r['contender']} | "
+                  f"{r['median_s'] * 1e3:.2f} | {r['p25_s'] * 1e3:.2f}–"
+                  f"{r['p75_s'] * 1e3:.2f} | {r['tokens_per_s']:.0f} | {r['speedup_vs_dense']:.2f}× | "
+                  f"{'yes' if r['correct'] else 'NO'} |")
     md.append("")
     if e2e is not None:
         md += [
@@ -323,7 +332,7 @@ def main(argv=None):
             f"{e2e['model']} at {e2e['hook_point']}, SAE {e2e['sae']}; {e2e['tokens']} tokens in contexts of "
             f"{e2e['context_length']}, {e2e['batch_size']} contexts per forward, no logit lens; median of "
             f"{e2e['reps']} runs after a warm-up, timed inside explore.", "",
-            f"- {e2e['tokens_per_s']:.0f} tokens/s ({e2e['seconds']:.2f} s)",
+            f"- {e2e['tokens_per_s']:.0f} tokens/s ({e2e['seconds']:.2f} s), measured L0 {e2e['measured_l0']:.1f}",
             f"- model forward (up to the hook): {e2e['seconds_model']:.2f} s; SAE encode_sparse + statistics: "
             f"{e2e['seconds_sae']:.2f} s = {e2e['sae_share']:.1%} of the two", ""
         ]

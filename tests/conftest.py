@@ -44,3 +44,13 @@ def pytest_collection_modifyitems(config, items):
 def _no_backend_env(monkeypatch):
     # Tests choose backends explicitly; a developer's SAE_FAST_BACKEND must not leak in.
     monkeypatch.delenv("SAE_FAST_BACKEND", raising=False)
+
+
+@pytest.fixture()
+def tiny_model(tmp_path):
+    """A directory with a tiny random Gemma 3 (model/) and a text (a.txt): helpers.write_tiny_gemma3."""
+    pytest.importorskip("transformers")
+    from helpers import write_tiny_gemma3
+
+    write_tiny_gemma3(tmp_path)
+    return tmp_path

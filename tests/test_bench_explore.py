@@ -3,34 +3,14 @@ contender is checked against the dense baseline, and the record has its structur
 
 import json
 import os
-import random
 
 import pytest
-import torch
 
 from benchmarks import bench_explore
 from benchmarks.common import RESULTS
 
-from helpers import write_word_tokenizer
-
 pytest.importorskip("transformers")
 NAME = "_pytest_explore"
-
-
-@pytest.fixture()
-def tiny_model(tmp_path):
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    rng = random.Random(0)
-    text = " ".join(rng.choice([f"w{i}" for i in range(30)]) for _ in range(600))
-    vocab = write_word_tokenizer(tmp_path / "model", text)
-    cfg = Gemma3TextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=64,
-                           sliding_window=8, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(0)
-    Gemma3ForCausalLM(cfg).save_pretrained(tmp_path / "model")
-    (tmp_path / "a.txt").write_text(text)
-    return tmp_path
 
 
 def test_bench_explore_tiny(tiny_model):

@@ -98,8 +98,11 @@ def check_dashboard(d: Path, shots: Path) -> dict:
     freq = {f["index"]: f["frequency"] for f in stats["features"]}
     for r in index.rows:  # the rows carry each feature's frequency
         assert float(r["data-f"]) == pytest.approx(freq[int(r["data-i"])] or 0.0, rel=1e-5, abs=1e-12)
-    # the most frequent feature's page is reachable from the index and shows its contexts
-    best = max(stats["features"], key=lambda f: f["fire_count"])
+    # a feature's page is reachable from the index and shows its contexts: the most frequent one
+    # firing on at most 5% of tokens (as the train summary picks; the always-on ones say little),
+    # or the most frequent of all when none is that rare
+    rare = [f for f in stats["features"] if 0 < f["frequency"] <= 0.05]
+    best = max(rare or stats["features"], key=lambda f: f["fire_count"])
     link = f"feature_{best['index']}.html"
     assert link in index.links
     page = _parse(dom(d / link))

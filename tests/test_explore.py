@@ -179,13 +179,38 @@ def test_explore_from_texts_rounds_tokens_up_to_whole_contexts(tiny):
     torch.testing.assert_close(res.fire_count, (acts > 0).reshape(-1, D_SAE).sum(0))
 
 
+def test_summary_shows_selective_features_not_the_always_on_ones(tiny):
+    res = explore(tiny["sae"], tiny["model"], tiny["tok"], [(tiny["dir"] / "text" / "a.txt").read_text()], tokens=600,
+                  context_length=CTX, batch_size=4, top_k=6, progress=False)
+    freq, live = res.frequency(), res.fire_count > 0
+
+    def share(j):  # the share of j's top contexts peaking on its most common peak token
+        peaks = [e["tokens"][e["peak"]] for e in res.examples(j)]
+        return max(peaks.count(t) for t in peaks) / len(peaks)
+
+    cap = float(freq[live].median())
+    eligible = [j for j in live.nonzero()[:, 0].tolist() if freq[j] <= cap]
+    summ = res.summary(4, max_frequency=cap)
+    assert len(summ) == 4 and all(s["frequency"] <= cap for s in summ)
+    assert all(s["peak_share"] == share(s["feature"]) and s["peak_token"] in s["top_tokens"] for s in summ)
+    shares = [s["peak_share"] for s in summ]
+    assert shares == sorted(shares, reverse=True) and shares[0] == max(share(j) for j in eligible)
+    assert len({s["peak_token"] for s in summ}) == 4  # one feature per peak token
+    # when no live feature is that rare, every live one is a candidate; a dead one never is
+    summ = res.summary(50, max_frequency=0.0)
+    assert summ and all(res.fire_count[s["feature"]] > 0 for s in summ)
+    assert not {s["feature"] for s in summ} & set(DEAD)
+
+
 def test_feature_stats_streaming_matches_dense_on_random_batches():
     # many small batches with a rising scale (every feature's max keeps rising, so its histogram
-    # slides again and again), kept entries pruned every few batches
+    # slides again and again), kept entries pruned every few batches, the larger batches' top-k
+    # merged in groups of contexts
     g = torch.Generator().manual_seed(7)
     d_sae, k, n_bins, r, L = 40, 3, 5, 2, 6
     st = FeatureStats(d_sae, top_k=k, n_bins=n_bins, bins_per_octave=r)
     st._prune_at = 50
+    st._ctx_chunk = 2  # batches of 3 contexts merge in two groups
     dense, ctx_of = [], []
     n_ctx = 0
     for b in range(12):

@@ -63,6 +63,9 @@ def test_gemma2_pipeline_end_to_end(tiny_gemma2, tmp_path):
     assert res["dashboard"] == os.path.join(os.path.abspath(tmp_path / "run"), "dashboard", "index.html")
     assert os.path.isfile(res["dashboard"]) and res["dashboard_features"]
     assert all(f["top_tokens"] for f in res["dashboard_features"])
+    # its timings: setup (model load), the loop, evaluation, dashboard, all within the call
+    parts = [res[k] for k in ("setup_s", "wall_s", "eval_s", "dashboard_s")]
+    assert min(parts) > 0 and sum(parts) <= res["total_s"]
     log = _log(tmp_path / "run")
     assert len(log) == 40 and log[-1]["step"] == 40
     sae = JumpReLUSAE.from_pretrained(res["sae_path"])
@@ -536,7 +539,9 @@ def test_cli_arguments_and_errors(capsys, tmp_path):
                                                                                            "mlp")
     assert cfg.lr == 7e-5 and cfg.adam_beta1 == 0.0 and cfg.l0_warmup_steps == 10_000  # the recipe
     embedded = train_config_from_args(build_parser().parse_args(["train"]))
-    assert embedded.model.startswith("embedded:") and embedded.d_sae == 4096
+    assert embedded.model.startswith("embedded:") and embedded.d_sae == 2048 and embedded.b_dec_init == "mean"
+    assert cfg.b_dec_init == "zeros"  # the recipe's, with a --model
+    assert train_config_from_args(build_parser().parse_args(["train", "--b-dec-init", "zeros"])).b_dec_init == "zeros"
     for bad, msg in ((["--d-sae", "0"], "d-sae must be a positive integer"),
                      (["--tokens", "-5"], "tokens must be a positive integer"), (["--lr", "0"], "lr must be positive")):
         with pytest.raises(SystemExit) as e:
@@ -875,3 +880,51 @@ def test_transcoder_train_resume_flag_continues_to_the_same_weights(tmp_path):
     ta, tb = JumpReLUTranscoder.from_pretrained(a["sae_path"]), JumpReLUTranscoder.from_pretrained(b["sae_path"])
     for (n, x), y in zip(ta.named_parameters(), tb.parameters()):
         assert torch.equal(x, y), n
+
+
+class _Shifted:
+    """A source whose rows all carry one constant offset (a mean far from 0, as a residual stream's)."""
+
+    def __init__(self, src, width, seed=0):
+        self.src = src
+        self.offset = 3 * torch.randn(width, generator=torch.Generator().manual_seed(seed))
+
+    def next_chunk(self):
+        return self.src.next_chunk() + self.offset
+
+    def state_dict(self):
+        return self.src.state_dict()
+
+    def load_state_dict(self, s):
+        self.src.load_state_dict(s)
+
+
+@pytest.mark.parametrize("optimizer", ["sparse-adam", "adam"])
+def test_b_dec_init_mean_starts_the_decoder_bias_at_the_first_fill_mean(tmp_path, optimizer):
+
+    def first(cfg, src, **kw):
+        t = Trainer(cfg, src, 24, device=torch.device("cpu"), **kw)
+        t.train_step()  # the first step fills the buffer and sets the scales (and b_dec)
+        return t
+
+    kw = dict(tokens=64 * 4, optimizer=optimizer, lr=1e-12)  # a step too small to move b_dec visibly
+    sae = Trainer(small_cfg(tmp_path, b_dec_init="mean", **kw), _Shifted(_synthetic(), 24), 24,
+                  device=torch.device("cpu"))
+    sae.estimate_scale()
+    fill = sae.buffer.peek().float()
+    want = (fill * sae.scale).mean(0)
+    torch.testing.assert_close(sae.sae.b_dec.detach(), want)
+    assert want.norm() > 0.9  # the offset dominates (mean ||x||^2 = 1 after scaling): a real test
+    stepped = first(small_cfg(tmp_path, b_dec_init="mean", **kw), _Shifted(_synthetic(), 24))
+    torch.testing.assert_close(stepped.sae.b_dec.detach(), want, rtol=1e-5, atol=1e-5)
+    assert stepped.folded_sae().b_dec.detach().sub(want / sae.scale).abs().max() < 1e-3 * (want / sae.scale).norm()
+    # the recipe's default: zeros
+    assert first(small_cfg(tmp_path, **kw), _Shifted(_synthetic(), 24)).sae.b_dec.abs().max() < 1e-9
+    # a transcoder's decoder predicts its target: the mean of y, normalised by scale_out
+    tc = Trainer(_tc_cfg(tmp_path, b_dec_init="mean", **kw), _Shifted(_pairs(), 44), 24, d_out=20,
+                 device=torch.device("cpu"))
+    tc.estimate_scale()
+    fill = tc.buffer.peek().float()
+    torch.testing.assert_close(tc.sae.b_dec.detach(), (fill[:, 24:] * tc.scale_out).mean(0))
+    with pytest.raises(ValueError, match="b-dec-init must be zeros or mean, got 'median'"):
+        small_cfg(tmp_path, b_dec_init="median").validate()

@@ -156,10 +156,12 @@ def run_explore(args, parser) -> int:
           f"{r['hook_point']}: {r['tokens_per_s']:.0f} tokens/s, model {r['seconds_model']:.2f} s, SAE + statistics "
           f"{r['seconds_sae']:.2f} s ({r['sae_share']:.1%} of the two), logit lens {r['seconds_logit_lens']:.2f} s")
     dead = res.dead()
-    print(f"{res.d_sae - len(dead)} of {res.d_sae} features fired, {len(dead)} dead")
+    print(f"{res.d_sae - len(dead)} of {res.d_sae} features fired in these {res.n_tokens} tokens, {len(dead)} did not "
+          "(dead here)")
     for s in res.summary(5):
-        print(f"  feature {s['feature']}: frequency {s['frequency']:.3%}, max {s['max']:.4g}, top tokens "
-              f"{s['top_tokens']}, logit lens {s['logit_top']}")
+        print(f"  feature {s['feature']}: frequency {s['frequency']:.3%}, max {s['max']:.4g}, peaks on "
+              f"{s['peak_token']!r} in {s['peak_share']:.0%} of its top contexts, top tokens {s['top_tokens']}, "
+              f"logit lens {s['logit_top']}")
     return 0
 
 

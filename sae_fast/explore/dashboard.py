@@ -229,14 +229,15 @@ def index_page(res: ExploreResult, top_tokens: dict[int, list[str]] | None = Non
     dead = res.dead()
     body = [
         "<h1>SAE features</h1>", f'<p class="run">{_run_line(res.run)}</p>',
-        f"<p>{res.d_sae - len(dead)} features fired, {len(dead)} dead. Click a column to sort; "
+        f"<p>{res.d_sae - len(dead)} of {res.d_sae} features fired in these {res.n_tokens} tokens; {len(dead)} did "
+        "not (dead here: a feature rarer than that may only not have come up). Click a column to sort; "
         "type to search the top tokens. Data for programs: <a href=\"stats.json\">stats.json</a>.</p>",
         '<input id="q" placeholder="search top tokens / logit-lens tokens" autocomplete="off">',
         '<table id="feats"><thead><tr><th data-k="i">feature</th><th data-k="f">frequency ▾</th>'
         '<th data-k="m">max act</th><th data-k="a">mean act</th><th>top activating tokens</th>'
         "<th>logit lens (promotes)</th></tr></thead><tbody>", *rows, "</tbody></table>",
-        f'<h2 id="dead">Dead features ({len(dead)})</h2>', "<p>" + (", ".join(f'<a href="feature_{j}.html">{j}</a>'
-                                                                              for j in dead) or "none") + "</p>"
+        f'<h2 id="dead">Dead features ({len(dead)}): no firing in these {res.n_tokens} tokens</h2>',
+        "<p>" + (", ".join(f'<a href="feature_{j}.html">{j}</a>' for j in dead) or "none") + "</p>"
     ]
     return _page("SAE features", "\n".join(body), _INDEX_JS)
 

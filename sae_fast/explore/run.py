@@ -301,17 +301,43 @@ class ExploreResult:
         bot = list(zip(self.token_text(bi[j].tolist()), bv[j].tolist()))
         return top, bot
 
-    def summary(self, n: int = 5) -> list[dict]:
-        """The n most frequent live features: index, frequency, max, top tokens, logit-lens top tokens."""
-        order = torch.argsort(self.fire_count, descending=True, stable=True)[:n]
-        out = []
-        for j in order.tolist():
-            if self.fire_count[j] == 0:
-                break
+    def summary(self, n: int = 5, *, max_frequency: float = 0.05, pool: int = 512) -> list[dict]:
+        """A few live features worth a first look: index, frequency, max, top tokens, logit-lens top
+        tokens, and `peak_share`, the share of its top contexts that peak on its most common peak
+        token (`peak_token`).
+
+        The most frequent features of a small SAE fire on nearly every token and peak on a medley
+        of tokens, which says little; so the features firing on at most `max_frequency` of tokens
+        (all live ones when none does) are ranked by peak_share, then by frequency (more evidence),
+        among the `pool` most frequent of them, with one feature per peak token."""
+        freq = self.frequency()
+        live = self.fire_count > 0
+        pick = live & (freq <= max_frequency)
+        if not bool(pick.any()):
+            pick = live
+        cand = pick.nonzero()[:, 0]
+        cand = cand[torch.argsort(self.fire_count[cand], descending=True, stable=True)[:pool]]
+        ranked = []
+        for j in cand.tolist():
+            ex = self.examples(j)
+            peaks = [e["tokens"][e["peak"]] if e["tokens"] else "" for e in ex]
+            if not peaks:
+                continue
+            tok = max(dict.fromkeys(peaks), key=peaks.count)  # the first among the most common
+            ranked.append((-peaks.count(tok) / len(peaks), -int(self.fire_count[j]), j, tok, ex))
+        ranked.sort(key=lambda r: r[:3])
+        out, shown = [], set()
+        for neg_share, _, j, tok, ex in ranked:
+            if tok in shown:
+                continue
+            shown.add(tok)
             out.append({
-                "feature": j, "frequency": float(self.frequency()[j]), "max": float(self.act_max[j]),
-                "top_tokens": self.top_tokens(j), "logit_top": [t for t, _ in self.logit_tokens(j)[0][:5]]
+                "feature": j, "frequency": float(freq[j]), "max": float(self.act_max[j]),
+                "top_tokens": self.top_tokens(j, examples=ex), "peak_token": tok, "peak_share": -neg_share,
+                "logit_top": [t for t, _ in self.logit_tokens(j)[0][:5]]
             })
+            if len(out) == n:
+                break
         return out
 
 

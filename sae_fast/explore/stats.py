@@ -9,8 +9,9 @@ every feature j, from the batch's valid (token, feature, value) entries only:
   `act_max[j]`: its largest activation (0 until it fires).
 - `hist[j]`: a histogram of its activations on log-spaced bins ending at its maximum (see below).
 - `top_score[j], top_ctx[j]`: its top-k contexts, score = the feature's largest activation in the
-  context, best first, an earlier context winning a tie; merged per batch with one sort of
-  [touched features, 2k] (the old k and the batch's best k candidates of each feature).
+  context, best first, an earlier context winning a tie; merged per batch with one stable sort of
+  [touched features, k + batch contexts] (the old k, then the batch's per-context maxima of each
+  feature, scattered from its sparse entries).
 - the per-token activations of j in each of its current top contexts, kept as the batch goes
   by (the entries of the (feature, context) pairs that entered a top-k), pruned of evicted
   pairs from time to time, so the winning contexts never need a second forward.
@@ -95,6 +96,7 @@ class FeatureStats:
         self._kept: list[tuple[torch.Tensor, ...]] = []
         self._kept_n = 0
         self._prune_at = 1 << 20
+        self._ctx_chunk = 256  # contexts per top-k merge (bounds its [features, contexts] matrix)
 
     # ------------------------------------------------------------------ update
     @torch.no_grad()
@@ -130,7 +132,21 @@ class FeatureStats:
         self.act_sum.index_add_(0, f, v.double())
         self.act_max.scatter_reduce_(0, f, v, "amax")
         self._update_hist(f, v)
-        self._update_top(f, v, ctx.to(self.device)[rows], pos.to(self.device)[rows])
+        ctx, pos = ctx.to(self.device), pos.to(self.device)
+        # the batch's contexts in increasing id order, a column each of the top-k merge (a unique
+        # over the tokens, not over the entries)
+        bctx, tok_col = torch.unique(ctx, return_inverse=True)
+        col = tok_col[rows]
+        # the merge holds a [touched features, contexts] score matrix: a batch of many contexts
+        # goes through in groups of contexts, in id order (so a tie still keeps the earlier one)
+        step = self._ctx_chunk
+        if bctx.numel() <= step:
+            self._update_top(f, v, rows, col, bctx, ctx, pos)
+            return
+        for lo in range(0, bctx.numel(), step):
+            sel = (col >= lo) & (col < lo + step)
+            if bool(sel.any()):
+                self._update_top(f[sel], v[sel], rows[sel], col[sel] - lo, bctx[lo:lo + step], ctx, pos)
 
     def _update_hist(self, f: torch.Tensor, v: torch.Tensor) -> None:
         n = self.n_bins
@@ -143,48 +159,41 @@ class FeatureStats:
         slot = (cells - self.top_cell[f] + (n - 1)).clamp(0, n - 1)
         self.hist.view(-1).index_add_(0, f * n + slot, torch.ones_like(f))
 
-    def _update_top(self, f, v, c, p) -> None:
-        k = self.k
-        # one candidate per (feature, context) of the batch, scored by its max activation there
-        c0 = c.min()
-        span = int(c.max() - c0) + 1
-        key = f * span + (c - c0)
-        ukey, inv = torch.unique(key, return_inverse=True)
-        score = torch.full(ukey.shape, float("-inf"), device=self.device).scatter_reduce_(0, inv, v, "amax")
-        uf, uc = ukey // span, ukey % span + c0
-        # order: feature, then score descending, then context ascending (ukey is sorted by
-        # (feature, context), and both sorts are stable)
-        by_score = torch.sort(score, descending=True, stable=True).indices
-        perm = by_score[torch.sort(uf[by_score], stable=True).indices]
-        sf = uf[perm]
-        feats, counts = torch.unique_consecutive(sf, return_counts=True)
-        seg = torch.repeat_interleave(torch.arange(feats.numel(), device=self.device), counts)
-        rank = torch.arange(sf.numel(), device=self.device) - (torch.cumsum(counts, 0) - counts)[seg]
-        keep = rank < k
+    def _update_top(self, f, v, rows, col, bctx, ctx, pos) -> None:
+        """Merge entries (feature f, value v, token row) into the top-k; col is each entry's
+        column in bctx, the group of contexts merged."""
+        k, dev, inf = self.k, self.device, float("-inf")
+        B = bctx.numel()
+        # the touched features, a row each, found with a mark over d_sae instead of a sort of the entries
+        mark = torch.zeros(self.d_sae, dtype=torch.bool, device=dev)
+        mark[f] = True
+        feats = mark.nonzero()[:, 0]
         m = feats.numel()
-        cand_s = torch.full((m, k), float("-inf"), device=self.device)
-        cand_c = torch.full((m, k), -1, dtype=torch.int64, device=self.device)
-        cand_u = torch.full((m, k), -1, dtype=torch.int64, device=self.device)
-        at = (seg[keep], rank[keep])
-        cand_s[at] = score[perm][keep]
-        cand_c[at] = uc[perm][keep]
-        cand_u[at] = perm[keep]
-        # merge: the old top-k first, so a tie keeps the earlier context
-        all_s = torch.cat([self.top_score[feats], cand_s], 1)
-        all_c = torch.cat([self.top_ctx[feats], cand_c], 1)
+        row_of = torch.empty(self.d_sae, dtype=torch.int64, device=dev)
+        row_of[feats] = torch.arange(m, device=dev)
+        r = row_of[f]
+        # [touched features, batch contexts]: the feature's max activation in the context (its
+        # score there), -inf where it did not fire
+        cand = torch.full((m * B, ), inf, device=dev).scatter_reduce_(0, r * B + col, v, "amax").view(m, B)
+        # merge with one stable sort of [touched, k + B]: the old top-k first, then the batch's
+        # contexts in id order, so a tie keeps the earlier context
+        all_s = torch.cat([self.top_score[feats], cand], 1)
         order = torch.sort(all_s, dim=1, descending=True, stable=True).indices[:, :k]
-        self.top_score[feats] = all_s.gather(1, order)
-        self.top_ctx[feats] = all_c.gather(1, order)
+        new_s = all_s.gather(1, order)
+        new_c = torch.cat([self.top_ctx[feats], bctx.expand(m, B)], 1).gather(1, order)
+        new_c[new_s == inf] = -1  # a context where the feature did not fire never enters
+        self.top_score[feats] = new_s
+        self.top_ctx[feats] = new_c
         if not self.keep_acts:
             return
-        new = order >= k
-        entered = cand_u.gather(1, (order - k).clamp(min=0))[new]
-        if entered.numel() == 0:
+        entered = (order >= k) & (new_s > inf)
+        if not bool(entered.any()):
             return
-        accepted = torch.zeros(ukey.numel(), dtype=torch.bool, device=self.device)
-        accepted[entered] = True
-        e = accepted[inv]
-        self._kept.append((f[e], c[e], p[e], v[e]))
+        accepted = torch.zeros(m, B, dtype=torch.bool, device=dev)
+        er = torch.arange(m, device=dev)[:, None].expand_as(order)[entered]
+        accepted[er, order[entered] - k] = True
+        e = accepted[r, col]
+        self._kept.append((f[e], ctx[rows[e]], pos[rows[e]], v[e]))
         self._kept_n += int(e.sum())
         if self._kept_n > self._prune_at:
             self._prune()

@@ -336,7 +336,12 @@ def train(cfg: TrainConfig, *, source=None, d_in: int | None = None, d_out: int 
     checked without the model's weights is checked before they load (TrainSetupError naming
     the setting): the output directory, the checkpoint and its settings, the model path, the
     layer, the data. Nothing under cfg.out changes until the model is loaded and the trainer
-    built."""
+    built.
+
+    The result's timings: setup_s (checks, model and text loading, up to the first step),
+    wall_s (the training loop), eval_s, dashboard_s, and total_s (this call, through the
+    metrics.json it writes last)."""
+    t_start = time.perf_counter()
     cfg.validate()
     device = pick_device(cfg.device)
     check_out_dir(cfg.out, resume, overwrite)
@@ -401,6 +406,7 @@ def train(cfg: TrainConfig, *, source=None, d_in: int | None = None, d_out: int 
         last = _set_aside(cfg.out, trainer.step, cfg.steps)
     log = _Logger(cfg, os.path.join(cfg.out, "train_log.jsonl"), cfg.steps, trainer.step)
     t0 = time.perf_counter()
+    setup_s = t0 - t_start
     try:
         while trainer.step < cfg.steps:
             rec = trainer.train_step()
@@ -430,9 +436,11 @@ def train(cfg: TrainConfig, *, source=None, d_in: int | None = None, d_out: int 
         })
     if cfg.target_l0 is not None:
         result["target_l0"] = cfg.target_l0
+    t_eval = time.perf_counter()
     if model is not None and eval_ctx is not None and eval_ctx.shape[0]:
         final.eval()
         result.update(evaluate(final, model, tok, cfg.layer, cfg.site, eval_ctx, cfg.model_batch_size))
+    t_dash = time.perf_counter()
     if model is not None and cfg.explore_tokens > 0:
         # the main job shows what it trained: the explore dashboard of the saved SAE
         from ..explore import explore_dashboard
@@ -444,6 +452,8 @@ def train(cfg: TrainConfig, *, source=None, d_in: int | None = None, d_out: int 
                                  progress=cfg.progress, model_name=cfg.model)
         result["dashboard"] = dash["index_html"]
         result["dashboard_features"] = dash["features"]
+    t_end = time.perf_counter()
+    result.update(setup_s=setup_s, eval_s=t_dash - t_eval, dashboard_s=t_end - t_dash, total_s=t_end - t_start)
     # strict JSON: an undefined metric (NaN) is null
     _write_atomic(os.path.join(cfg.out, "metrics.json"), _dumps(result, indent=2) + "\n")
     return result

@@ -181,6 +181,12 @@ class Trainer:
         self.scale = inv_rms(data[:, :self.d_in])
         if self.cfg.transcoder:
             self.scale_out = inv_rms(data[:, self.d_in:])
+        if self.cfg.b_dec_init == "mean":
+            # what the decoder predicts: x, or a transcoder's target y, normalised as _split does
+            pred = data[:, :self.d_in] if not self.cfg.transcoder else data[:, self.d_in:]
+            mean = (pred.float() * (self.scale if not self.cfg.transcoder else self.scale_out)).mean(0)
+            with torch.no_grad():
+                self.sae.b_dec.copy_(mean.to(self.sae.b_dec.dtype))
         return self.scale
 
     def _split(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
