@@ -318,42 +318,6 @@ def add_parser(sub) -> None:
     s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
 
 
-def load_sae_or_transcoder(path: str, device) -> JumpReLUSAE:
-    """An SAE, or a transcoder when the files hold one (a file that is neither: the SAE loader's error)."""
-    from .io import SAELoadError
-
-    try:
-        return JumpReLUSAE.from_pretrained(path, device=device)
-    except SAELoadError as first:
-        try:
-            return JumpReLUTranscoder.from_pretrained(path, device=device)
-        except SAELoadError:
-            raise first from None
-
-
-def model_candidates(sae, model: str | None) -> list[str]:
-    """The models `sae-fast steer` tries in order: --model alone if given, else the SAE's metadata
-    model_name and then the embedded default."""
-    from .train.config import EMBEDDED_MODEL
-
-    if model is not None:
-        return [model]
-    named = (getattr(sae, "metadata", None) or {}).get("model_name")
-    return [m for m in (named, EMBEDDED_MODEL) if m] if named != EMBEDDED_MODEL else [EMBEDDED_MODEL]
-
-
-def _load_first(candidates, device, dtype, load, err):
-    for i, name in enumerate(candidates):
-        try:
-            return name, *load(name, device, dtype)
-        except Exception as e:  # noqa: BLE001 - any failure to load falls back to the next model, said aloud
-            if i == len(candidates) - 1:
-                raise
-            print(
-                f"note: the SAE's model {name!r} does not load here ({type(e).__name__}: {e}); "
-                f"using {candidates[i + 1]!r}", file=err)
-
-
 def _wrap(text: str, width: int) -> list[str]:
     import textwrap
 
@@ -387,11 +351,11 @@ def run_cli(args, parser, out=None, err=None, load=None) -> int:
     import sys
 
     from .dtypes import DTYPES
+    from .explore.run import load_model_for, load_sae
     from .hooks import run_until
-    from .train.data import load_model
     from .train.trainer import pick_device
 
-    out, err, load = out or sys.stdout, err or sys.stderr, load or load_model
+    out, err = out or sys.stdout, err or sys.stderr
     if len(args.strength) not in (1, len(args.feature)):
         parser.error(f"--strength: give one per --feature ({len(args.feature)}) or one for all, "
                      f"got {len(args.strength)}")
@@ -408,7 +372,7 @@ def run_cli(args, parser, out=None, err=None, load=None) -> int:
     from .io import SAELoadError
 
     try:
-        sae = load_sae_or_transcoder(args.sae, device)
+        sae = load_sae(args.sae, device=device)
     except SAELoadError as e:
         parser.error(f"--sae: {e}")
     features = dict(zip(args.feature, strengths))
@@ -416,7 +380,7 @@ def run_cli(args, parser, out=None, err=None, load=None) -> int:
         check_features(sae, features)
     except ValueError as e:
         parser.error(f"--feature/--strength: {e}")
-    name, model, tok = _load_first(model_candidates(sae, args.model), device, DTYPES[args.model_dtype], load, err)
+    model, tok, name = load_model_for(sae, args.model, device, DTYPES[args.model_dtype], load=load, err=err)
     enc = tok(args.prompt, return_tensors="pt").to(device)
     if enc["input_ids"].shape[-1] == 0:
         parser.error("--prompt: it holds no tokens")

@@ -359,7 +359,8 @@ def test_cli_refuses_bad_flags(sae_dir, capsys):
 
 
 def test_cli_falls_back_to_the_embedded_model_when_the_sae_model_does_not_load(tiny, tmp_path, capsys):
-    from sae_fast.steer import model_candidates, run_cli
+    from sae_fast.explore import model_candidates
+    from sae_fast.steer import run_cli
     from sae_fast.cli import build_parser
     from sae_fast.train.config import EMBEDDED_MODEL
 

@@ -12,11 +12,12 @@ device (FeatureStats, stats.py).
 
 from .activations import TokenFeatures, activations_html, format_activations, token_activations
 from .dashboard import result_json, write_dashboard
-from .run import ExploreResult, explore, explore_dashboard, load_model_for, load_sae, logit_lens, pack_texts
+from .run import (ExploreResult, explore, explore_dashboard, load_model_for, load_sae, logit_lens, model_candidates,
+                  pack_texts)
 from .stats import FeatureStats, hist_edges, slide_hist, value_cells
 
 __all__ = [
     "ExploreResult", "FeatureStats", "TokenFeatures", "activations_html", "explore", "explore_dashboard",
-    "format_activations", "hist_edges", "load_model_for", "load_sae", "logit_lens", "pack_texts", "result_json",
-    "slide_hist", "token_activations", "value_cells", "write_dashboard"
+    "format_activations", "hist_edges", "load_model_for", "load_sae", "logit_lens", "model_candidates", "pack_texts",
+    "result_json", "slide_hist", "token_activations", "value_cells", "write_dashboard"
 ]

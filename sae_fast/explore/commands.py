@@ -109,7 +109,7 @@ def _setup(args, parser):
         parser.error(f"--device: {args.device!r} is not usable here ({e})")
     try:
         sae = load_sae(args.sae, device=device)
-    except (SAELoadError, FileNotFoundError) as e:
+    except SAELoadError as e:
         parser.error(f"--sae: {e}")
     try:
         hp = hook_point_of(sae, layer=args.layer, site=args.site)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import bisect
 import itertools
-import os
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -32,43 +31,52 @@ _LOGIT_CHUNK_BYTES = 1 << 28
 
 # ------------------------------------------------------------------- loading
 def load_sae(path, *, device=None, backend: str = "auto"):
-    """A JumpReLUSAE, or a JumpReLUTranscoder when the files hold one (it is read at its input hook)."""
+    """A JumpReLUSAE, or a JumpReLUTranscoder when the files hold one (explore reads it at its
+    input hook); files that are neither: the SAE loader's SAELoadError (a missing path too)."""
     from ..io import SAELoadError
     from ..modules import JumpReLUSAE, JumpReLUTranscoder
 
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"--sae: {path!r} does not exist (expected an SAE directory or file: SAELens, "
-                                f"Gemma Scope or Gemma Scope 2 layout)")
     try:
         return JumpReLUSAE.from_pretrained(path, device=device, backend=backend)
-    except SAELoadError as e:
-        # the loaders say "this is a transcoder, not an SAE" when the files hold one
-        if "this is a transcoder" not in str(e):
-            raise
-    return JumpReLUTranscoder.from_pretrained(path, device=device, backend=backend)
+    except SAELoadError as first:
+        # a transcoder's files: the SAE loader refuses them ("this is a transcoder"), or, for a
+        # params file without config.json whose d_out differs from d_in, fails on the shapes
+        try:
+            return JumpReLUTranscoder.from_pretrained(path, device=device, backend=backend)
+        except SAELoadError:
+            raise first from None
 
 
-def load_model_for(sae, model: str | None, device: torch.device, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer, name): `model` if given; else the SAE's metadata "model_name" when it
-    loads (our runs record e.g. "embedded:gemma3-270m"); else the embedded default."""
+def model_candidates(sae, model: str | None) -> list[str]:
+    """The models to try in order: `model` alone if given, else the SAE's metadata model_name (our
+    runs record e.g. "embedded:gemma3-270m") and then the embedded default."""
     from ..train.config import EMBEDDED_MODEL
-    from ..train.data import load_model
 
     if model is not None:
-        lm, tok = load_model(model, device, dtype)
-        return lm, tok, model
-    name = (getattr(sae, "metadata", None) or {}).get("model_name")
-    if name and name != EMBEDDED_MODEL:
+        return [model]
+    named = (getattr(sae, "metadata", None) or {}).get("model_name")
+    return [m for m in (named, EMBEDDED_MODEL) if m] if named != EMBEDDED_MODEL else [EMBEDDED_MODEL]
+
+
+def load_model_for(sae, model: str | None, device: torch.device, dtype: torch.dtype = torch.float32, *, load=None,
+                   err=None):
+    """(model, tokenizer, name): the first of model_candidates(sae, model) that loads, each one
+    that does not said on `err` (default stderr); the last one's failure is raised. `load`: the
+    loader (sae_fast.train.data.load_model; tests pass another)."""
+    from ..train.data import load_model
+
+    load, err = load or load_model, err or sys.stderr
+    candidates = model_candidates(sae, model)
+    for i, name in enumerate(candidates):
         try:
-            lm, tok = load_model(name, device, dtype)
-            return lm, tok, name
+            return (*load(name, device, dtype), name)
         except Exception as e:  # noqa: BLE001 (any loader failure means: not loadable here)
+            if i == len(candidates) - 1:
+                raise
+            first_line = str(e).splitlines()[0] if str(e) else ""
             print(
-                f"sae-fast: the SAE's metadata names model {name!r}, which does not load here "
-                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); using {EMBEDDED_MODEL} "
-                f"(pass --model to choose)", file=sys.stderr)
-    lm, tok = load_model(EMBEDDED_MODEL, device, dtype)
-    return lm, tok, EMBEDDED_MODEL
+                f"note: the SAE's model {name!r} does not load here ({type(e).__name__}: {first_line}); "
+                f"using {candidates[i + 1]!r} (pass --model to choose)", file=err)
 
 
 def model_device(model) -> torch.device:
