@@ -424,20 +424,27 @@ def write_word_tokenizer(d, text: str) -> dict:
     return vocab
 
 
+def make_tiny_gemma3(vocab_size: int, n_layers: int, *, hidden: int = 32, max_positions: int = 128):
+    """A randomly initialised tiny Gemma3ForCausalLM (Gemma Scope 2's architecture), in eval
+    mode, drawn after torch.manual_seed(0); special tokens as write_word_tokenizer's."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    cfg = Gemma3TextConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=64, num_hidden_layers=n_layers,
+                           num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                           max_position_embeddings=max_positions, sliding_window=8, pad_token_id=0, bos_token_id=1,
+                           eos_token_id=2)
+    torch.manual_seed(0)
+    return Gemma3ForCausalLM(cfg).eval()
+
+
 def write_tiny_gemma3(d, n_words: int = 600, n_layers: int = 2) -> None:
     """A random-word text (d/a.txt, 30 distinct words) and a randomly initialised tiny
     Gemma3ForCausalLM with a word-level tokenizer over it (d/model), for benchmark scripts'
     quick checks."""
     import random
 
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
     rng = random.Random(0)
     text = " ".join(rng.choice([f"w{i}" for i in range(30)]) for _ in range(n_words))
     vocab = write_word_tokenizer(d / "model", text)
-    cfg = Gemma3TextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=n_layers,
-                           num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=64,
-                           sliding_window=8, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(0)
-    Gemma3ForCausalLM(cfg).save_pretrained(d / "model")
+    make_tiny_gemma3(len(vocab), n_layers, max_positions=64).save_pretrained(d / "model")
     (d / "a.txt").write_text(text)

@@ -24,7 +24,7 @@ import torch
 
 import sae_fast
 
-from helpers import write_word_tokenizer
+from helpers import make_tiny_gemma3, write_word_tokenizer
 
 pytestmark = pytest.mark.browser
 
@@ -125,17 +125,13 @@ def check_dashboard(d: Path, shots: Path) -> dict:
 @pytest.fixture(scope="module")
 def tiny_dashboard(tmp_path_factory):
     """explore's dashboard of a random SAE on a tiny Gemma 3 built here (nothing downloaded)."""
-    from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
+    from transformers import AutoTokenizer
 
     from sae_fast.explore import explore_dashboard
 
     d = tmp_path_factory.mktemp("tiny_lm")
     vocab = write_word_tokenizer(d, TEXT)
-    cfg = Gemma3TextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=128,
-                           sliding_window=8, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(0)
-    model = Gemma3ForCausalLM(cfg).eval()
+    model = make_tiny_gemma3(len(vocab), 2)
     tok = AutoTokenizer.from_pretrained(d)
     sae = sae_fast.JumpReLUSAE(32, 24, backend="cpu")
     with torch.no_grad():

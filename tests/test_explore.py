@@ -18,7 +18,7 @@ from sae_fast.hooks import HookPoint, run_until
 from sae_fast.sparse import SparseActs
 from sae_fast.train.data import TokenStream, iter_documents, load_model
 
-from helpers import write_word_tokenizer
+from helpers import make_tiny_gemma3, write_word_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -35,18 +35,12 @@ def tiny(tmp_path_factory):
     """A random Gemma3ForCausalLM with a word-level tokenizer, a text of random words (no context
     repeats, so top contexts have no ties) and a random SAE at HOOK whose thresholds sit at midpoints
     between observed pre-activations (no activation lies within rounding of its threshold)."""
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
     d = tmp_path_factory.mktemp("explore")
     rng = random.Random(1234)
     text = " ".join(rng.choice(WORDS) for _ in range(4000))
     vocab = write_word_tokenizer(d / "model", text)
-    cfg = Gemma3TextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                           num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=128,
-                           sliding_window=8, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     g = torch.Generator().manual_seed(0)
-    torch.manual_seed(0)
-    Gemma3ForCausalLM(cfg).save_pretrained(d / "model")
+    make_tiny_gemma3(len(vocab), 3).save_pretrained(d / "model")
     (d / "text").mkdir()
     (d / "text" / "a.txt").write_text(text)
     model, tok = load_model(str(d / "model"), torch.device("cpu"), torch.float32)

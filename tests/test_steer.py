@@ -15,7 +15,7 @@ from sae_fast.cli import main
 from sae_fast.hooks import HookPoint, HookPointError, capture
 from sae_fast.steer import feature_acts, side_by_side
 
-from helpers import make_params, write_word_tokenizer
+from helpers import make_params, make_tiny_gemma3, write_word_tokenizer
 
 transformers = pytest.importorskip("transformers")
 TEXT = ("the quick brown fox jumps over the lazy dog while a small cat sleeps in the warm sun and "
@@ -29,15 +29,11 @@ J = 5  # the feature most tests steer
 def tiny(tmp_path_factory):
     """(directory, model, tokenizer): a random Gemma3ForCausalLM (Gemma Scope 2's architecture) with a
     word-level tokenizer, saved to the directory so that the CLI loads it offline."""
-    from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
+    from transformers import AutoTokenizer
 
     d = tmp_path_factory.mktemp("tiny_gemma3_steer")
     vocab = write_word_tokenizer(d, TEXT)
-    cfg = Gemma3TextConfig(vocab_size=len(vocab), hidden_size=D, intermediate_size=64, num_hidden_layers=3,
-                           num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=128,
-                           sliding_window=8, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(0)
-    model = Gemma3ForCausalLM(cfg).eval()
+    model = make_tiny_gemma3(len(vocab), 3, hidden=D)
     model.save_pretrained(d)
     return d, model, AutoTokenizer.from_pretrained(d)
 

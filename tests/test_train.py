@@ -19,7 +19,7 @@ from sae_fast.train.config import (EMBEDDED_MODEL, RESUME_FREE, RESUME_KEYS, Pat
 from sae_fast.train.data import (ModelActivations, ModelTranscoderActivations, TokenStream, check_layer,
                                  check_model_path, gguf_block_count, iter_documents, layer_count, load_model)
 
-from helpers import write_word_tokenizer
+from helpers import make_tiny_gemma3, write_word_tokenizer
 
 transformers = pytest.importorskip("transformers")
 TEXT = ("the quick brown fox jumps over the lazy dog while a small cat sleeps in the warm sun and "
@@ -633,15 +633,10 @@ def test_saved_dataset_and_directory_sources(tmp_path):
 def tiny_gemma3(tmp_path_factory):
     """A randomly initialised Gemma3ForCausalLM (Gemma Scope 2's architecture) and a word-level
     tokenizer, written to disk."""
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     d = tmp_path_factory.mktemp("tiny_gemma3")
     vocab = write_word_tokenizer(d, TEXT)
-    cfg = Gemma3TextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                           num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=128,
-                           sliding_window=8, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(0)
-    Gemma3ForCausalLM(cfg).save_pretrained(d)
+    make_tiny_gemma3(len(vocab), 3).save_pretrained(d)
     (d / "text").mkdir()
     (d / "text" / "a.txt").write_text(TEXT)
     return d
