@@ -445,7 +445,7 @@ def train(cfg: TrainConfig, *, source=None, d_in: int | None = None, d_out: int 
         # the main job shows what it trained: the explore dashboard of the saved SAE
         from ..explore import explore_dashboard
 
-        docs = lambda: iter_documents(cfg.data, cfg.dataset, cfg.dataset_split, cfg.text_column)  # noqa: E731
+        # (a model means no source was given: `docs` is the text the run trained on)
         dash = explore_dashboard(final, model, tok, TokenStream(tok, docs, cfg.context_length),
                                  os.path.join(cfg.out, "dashboard"), tokens=cfg.explore_tokens,
                                  context_length=cfg.context_length, batch_size=cfg.model_batch_size,
